@@ -1,0 +1,104 @@
+"""Writing bundles: from a host run, and adding tasks to an existing bundle.
+
+Every commit is a new version. Data files are content-addressed and immutable, written
+atomically before the manifest; the manifest is swapped last (temp, fsync, rename), so a
+crash at any instant leaves the previous version loadable. A backbone whose bytes did
+not change is never written again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from edgecl.runtime.bundle import Bundle
+from edgecl.runtime.bundle_format import (
+    MANIFEST,
+    VERSIONS_DIR,
+    atomic_write_bytes,
+    new_manifest_version,
+    serialize_manifest,
+)
+from edgecl.runtime.errors import BundleError
+from safetensors.numpy import save as st_save
+
+import edgecl
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@contextmanager
+def bundle_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per bundle directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_file(root: Path, manifest: dict, rel: str, data: bytes) -> None:
+    path = root / rel
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def task_storage(tensors: dict[str, np.ndarray], n_weights: int, file_bytes: int) -> dict:
+    """Bytes a task adds, and bits per backbone weight (mask only, and with the head)."""
+    mask = sum(v.nbytes for k, v in tensors.items() if k.startswith(("mask.", "gate.")))
+    head = sum(v.nbytes for k, v in tensors.items() if k.startswith("head."))
+    return {"mask_bytes": mask, "head_bytes": head, "file_bytes": file_bytes,
+            "mask_bits_per_weight": 8.0 * mask / n_weights,
+            "bits_per_weight": 8.0 * file_bytes / n_weights}
+
+
+def commit(root: str | Path, *, model: dict, backbone: dict[str, np.ndarray],
+           tasks: list[tuple[dict, dict[str, np.ndarray]]], stream: dict | None = None) -> int:
+    """Add ``tasks`` (entry, tensors) to the bundle at ``root`` as one new version.
+
+    ``model`` must equal the bundle's (if it exists). Returns the new version number.
+    """
+    root = Path(root)
+    with bundle_lock(root):
+        previous = Bundle.open(root).manifest if (root / MANIFEST).exists() else None
+        if previous is not None and previous["model"] != model:
+            raise BundleError(root / MANIFEST, "the bundle holds another model architecture")
+        manifest = new_manifest_version(previous)
+        manifest.update(edgecl_version=edgecl.__version__, model=model,
+                        created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if stream is not None:
+            manifest["stream"] = stream
+        data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(backbone.items())},
+                       metadata={"edgecl": "backbone"})
+        rel = f"backbone-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+        if previous is not None and previous["backbone"] != rel:
+            manifest["files"].pop(previous["backbone"], None)
+        _write_file(root, manifest, rel, data)
+        manifest["backbone"] = rel
+        names = {t["name"] for t in manifest["tasks"]}
+        for entry, tensors in tasks:
+            if entry["name"] in names:
+                raise BundleError(root / MANIFEST, f"task {entry['name']!r} is already in the bundle")
+            names.add(entry["name"])
+            data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
+                           metadata={"edgecl": "task", "name": entry["name"]})
+            index = len(manifest["tasks"])
+            digest = hashlib.sha256(data).hexdigest()[:8]
+            rel = f"tasks/{index:03d}-{_SAFE.sub('_', entry['name'])}-{digest}.safetensors"
+            _write_file(root, manifest, rel, data)
+            entry = dict(entry, index=index, file=rel,
+                         storage=task_storage(tensors, model["n_weights"], len(data)))
+            manifest["tasks"].append(entry)
+        raw = serialize_manifest(manifest)
+        atomic_write_bytes(root / VERSIONS_DIR / f"{manifest['version']:06d}.json", raw)
+        atomic_write_bytes(root / MANIFEST, raw)
+        return int(manifest["version"])

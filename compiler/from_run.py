@@ -1,0 +1,65 @@
+"""Turning a host run into a bundle, one version per task (so the accuracy matrix can be
+measured later version by version, through the device runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from edgecl.models import architectures
+from edgecl.models.training import Run, load_run
+from edgecl.runtime.bundle import Bundle
+from edgecl.runtime.bundle_format import MANIFEST
+from edgecl.runtime.errors import BundleError
+
+from .bundle_writer import commit
+
+
+def model_entry(run: Run) -> dict:
+    layers = run.config["layers"]
+    return {"arch": run.config["arch"], "input_shape": list(run.config["input_shape"]),
+            "layers": layers, "feature_dim": architectures.feature_dim(layers),
+            "n_weights": architectures.n_weights(layers)}
+
+
+def task_entry(run: Run, t: int) -> dict:
+    m = run.method
+    info = m.tasks[t]
+    return {"name": info["name"], "classes": info["classes"], "n_classes": len(info["classes"]),
+            "method": m.name, "mask_kind": m.mask_kind,
+            "metrics": {"host_acc": run.acc_matrix[t][t], "before_acc": m.before_acc[t],
+                        "init_acc": m.init_acc[t]}}
+
+
+def bundle_run(run_dir: str | Path, out: str | Path) -> list[int]:
+    """Write (or extend) the bundle ``out`` with the tasks of the run in ``run_dir``.
+
+    An existing bundle must hold a prefix of the run's tasks, byte for byte; the run's
+    remaining tasks are committed one version each. Returns the versions written.
+    """
+    run = load_run(run_dir)
+    out = Path(out)
+    model, backbone = model_entry(run), run.method.export_backbone()
+    start = 0
+    if (out / MANIFEST).exists():
+        have = Bundle.open(out)
+        if have.model != model:
+            raise BundleError(out / MANIFEST, f"holds another model than the run {run_dir}")
+        names = [t["name"] for t in run.tasks]
+        if have.task_names != names[: len(have.task_names)]:
+            raise BundleError(out / MANIFEST, f"its tasks {have.task_names} are not the start of "
+                                              f"the run's tasks {names}")
+        for t, name in enumerate(have.task_names):
+            stored = have.task_tensors(name)
+            fresh = run.method.export_task(t)
+            if stored.keys() != fresh.keys() or any(
+                    not np.array_equal(stored[k], fresh[k]) for k in fresh):
+                raise BundleError(out / have.task(name)["file"],
+                                  f"task {name!r} differs from the run's; bundle it anew")
+        start = len(have.task_names)
+    versions = []
+    for t in range(start, len(run.tasks)):
+        versions.append(commit(out, model=model, backbone=backbone,
+                               tasks=[(task_entry(run, t), run.method.export_task(t))],
+                               stream=run.config["stream"]))
+    return versions

@@ -1,0 +1,171 @@
+"""Task streams: Split-Digits, Permuted-Digits (scikit-learn's bundled digits) and .npz files.
+
+No download ever: the digits (1,797 8x8 images) ship inside scikit-learn. Splits are
+stratified and seeded, so the same seed gives the same train/test sets everywhere.
+Labels inside a task are local (0..k-1); ``Task.classes`` maps them back to the
+stream's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from edgecl.runtime.errors import EdgeclError
+
+STREAMS = ("split-digits", "permuted-digits")
+
+
+class DataError(EdgeclError):
+    """A data set that cannot be loaded or split into tasks."""
+
+
+@dataclass
+class Task:
+    name: str
+    classes: list[int]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Stream:
+    """An ordered list of tasks, plus how to make it again (``spec``)."""
+
+    name: str
+    tasks: list[Task]
+    input_shape: tuple[int, ...]
+    spec: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Generator):
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test[idx[: int(round(len(idx) * test_fraction))]] = True
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def _make_task(name, classes, x, y, tr, te) -> Task:
+    lut = {int(c): i for i, c in enumerate(classes)}
+
+    def local(idx: np.ndarray) -> np.ndarray:
+        return np.array([lut[int(v)] for v in y[idx]], dtype=np.int64)
+
+    return Task(name, [int(c) for c in classes], x[tr], local(tr), x[te], local(te))
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return x, d.target.astype(np.int64)
+
+
+def split_digits(seed: int = 0, test_fraction: float = 0.25) -> Stream:
+    """5 tasks of 2 classes: 0/1, 2/3, 4/5, 6/7, 8/9."""
+    x, y = _digits()
+    tr, te = _stratified_split(y, test_fraction, np.random.default_rng(seed))
+    tasks = []
+    for a in range(0, 10, 2):
+        sel_tr, sel_te = tr[np.isin(y[tr], (a, a + 1))], te[np.isin(y[te], (a, a + 1))]
+        tasks.append(_make_task(f"digits-{a}-{a + 1}", [a, a + 1], x, y, sel_tr, sel_te))
+    return Stream("split-digits", tasks, (1, 8, 8),
+                  {"data": "split-digits", "seed": seed, "test_fraction": test_fraction})
+
+
+def permute(x: np.ndarray, task: int, seed: int) -> np.ndarray:
+    """Task ``task``'s fixed pixel permutation of a batch of digits."""
+    perm = np.random.default_rng([seed, task]).permutation(64)
+    return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
+
+
+def permuted_digits(n_tasks: int = 10, seed: int = 0, test_fraction: float = 0.25) -> Stream:
+    """``n_tasks`` tasks of all 10 classes, each with its own seeded pixel permutation."""
+    if n_tasks < 1:
+        raise DataError(f"permuted-digits needs at least one task, got {n_tasks}")
+    x, y = _digits()
+    tr, te = _stratified_split(y, test_fraction, np.random.default_rng(seed))
+    tasks = [_make_task(f"perm-{t}", list(range(10)), permute(x, t, seed), y, tr, te)
+             for t in range(n_tasks)]
+    return Stream("permuted-digits", tasks, (1, 8, 8),
+                  {"data": "permuted-digits", "seed": seed, "n_tasks": n_tasks,
+                   "test_fraction": test_fraction})
+
+
+def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.25,
+             classes_per_task: int = 2) -> Stream:
+    """A user's stream from ``.npz``: arrays ``x`` [N, ...], ``y`` [N], optional ``task`` [N].
+
+    Without ``task`` the sorted classes are cut into tasks of ``classes_per_task``.
+    ``x`` of uint8 is scaled to [0, 1]; [N, H, W] images get a channel axis.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing array {key!r} (has: {', '.join(arrays) or 'none'})")
+    x, y = arrays["x"], arrays["y"]
+    if len(x) != len(y) or len(x) == 0:
+        raise DataError(f"{path}: x has {len(x)} rows and y has {len(y)}; need the same, > 0")
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.ndim == 3:
+        x = x[:, None]
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: x holds NaN or infinite values")
+    y = y.astype(np.int64)
+    if "task" in arrays:
+        tid = arrays["task"]
+        if tid.shape != y.shape:
+            raise DataError(f"{path}: task has shape {tid.shape}, y has {y.shape}")
+        groups = [(f"task-{t}", tid == t) for t in np.unique(tid)]
+    else:
+        cls = np.unique(y)
+        groups = [(f"classes-{'-'.join(map(str, chunk))}", np.isin(y, chunk))
+                  for chunk in (cls[i : i + classes_per_task]
+                                for i in range(0, len(cls), classes_per_task))]
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for name, sel in groups:
+        idx = np.flatnonzero(sel)
+        tr, te = _stratified_split(y[idx], test_fraction, rng)
+        tasks.append(_make_task(name, np.unique(y[idx]).tolist(), x[idx], y[idx], tr, te))
+    return Stream(path.stem, tasks, tuple(x.shape[1:]),
+                  {"data": str(path), "seed": seed, "test_fraction": test_fraction})
+
+
+def load_stream(data: str, *, seed: int = 0, n_tasks: int | None = None) -> Stream:
+    """``split-digits``, ``permuted-digits`` or a path to an ``.npz`` file."""
+    if data == "split-digits":
+        stream = split_digits(seed)
+    elif data == "permuted-digits":
+        stream = permuted_digits(n_tasks or 10, seed)
+    elif data.endswith(".npz"):
+        stream = load_npz(data, seed)
+    else:
+        raise DataError(f"unknown data {data!r}: use {', '.join(STREAMS)} or a path to an .npz")
+    if n_tasks is not None:
+        if not 1 <= n_tasks <= len(stream):
+            raise DataError(f"{data}: --tasks {n_tasks} is outside 1..{len(stream)}")
+        stream.tasks = stream.tasks[:n_tasks]
+    return stream

@@ -1,0 +1,118 @@
+"""PackNet (Mallya & Lazebnik, 2018): train free weights, prune by magnitude, freeze.
+
+``owner[w]`` is 0 for a free weight, else the 1-based index of the task that kept it.
+Task t runs with the weights owned by tasks 1..t (nested masks). Biases are learned
+with the first task and frozen after it, as in the paper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from edgecl.runtime.masks import pack_bits
+
+from ..data import Task
+from ..torchnet import Params, features
+from .base import MASK_BITS, Method
+
+
+class PackNet(Method):
+    name = "packnet"
+    mask_kind = MASK_BITS
+    defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "prune": 0.6, "retrain_epochs": 10}
+
+    def __init__(self, layers, input_shape, seed=0, **hp):
+        super().__init__(layers, input_shape, seed, **hp)
+        self.owner = {layer["name"]: torch.zeros(self.params[f"{layer['name']}.weight"].shape,
+                                                 dtype=torch.int16)
+                      for layer in self.weighted_layers()}
+
+    def _begin_task(self, task: Task, gen: torch.Generator) -> None:
+        self._new_head(task.n_classes, gen)
+
+    def task_params(self, t: int) -> Params:
+        out = {}
+        for layer in self.weighted_layers():
+            n = layer["name"]
+            w, b = self.params[f"{n}.weight"], self.params.get(f"{n}.bias")
+            if t < len(self.tasks):  # a learned task: its nested mask, masked-out = +0.0
+                own = self.owner[n]
+                w = torch.where((own > 0) & (own <= t + 1), w, torch.zeros((), dtype=w.dtype))
+            out[n] = (w, b)
+        return out
+
+    def _fit(self, task: Task, gen: torch.Generator, n_epochs: int, t: int,
+             trainable: dict[str, torch.Tensor], train_bias: bool) -> None:
+        """Train weights where ``trainable`` is True (and the head); restore the rest."""
+        names = [layer["name"] for layer in self.weighted_layers()]
+        ws = {n: self.params[f"{n}.weight"].clone().requires_grad_(True) for n in names}
+        bs = {n: self.params[f"{n}.bias"].clone().requires_grad_(train_bias)
+              for n in names if f"{n}.bias" in self.params}
+        hw, hb = (p.clone().requires_grad_(True) for p in self.heads[t])
+        frozen_w = {n: (~trainable[n], self.params[f"{n}.weight"].clone()) for n in names}
+        frozen_b = {n: v.detach().clone() for n, v in bs.items()}
+        train = list(ws.values()) + [hw, hb] + ([*bs.values()] if train_bias else [])
+        opt = torch.optim.Adam(train, lr=self.hp["lr"])
+
+        def step(x, y, _progress):
+            params = {n: (ws[n], bs.get(n)) for n in names}
+            loss = F.cross_entropy(F.linear(features(self.layers, params, x), hw, hb), y)
+            opt.zero_grad()
+            loss.backward()
+            for n in names:
+                ws[n].grad[frozen_w[n][0]] = 0
+            opt.step()
+            with torch.no_grad():  # owned weights are restored bit for bit
+                for n in names:
+                    keep, old = frozen_w[n]
+                    ws[n].copy_(torch.where(keep, old, ws[n]))
+                if not train_bias:
+                    for n, v in bs.items():
+                        v.copy_(frozen_b[n])
+
+        self.epochs(task, gen, n_epochs, step)
+        for n in names:
+            self.params[f"{n}.weight"] = ws[n].detach()
+            if n in bs:
+                self.params[f"{n}.bias"] = bs[n].detach()
+        self.heads[t] = (hw.detach(), hb.detach())
+
+    def _train_task(self, task: Task, gen: torch.Generator) -> None:
+        t = len(self.tasks)
+        first = t == 0
+        free = {n: own == 0 for n, own in self.owner.items()}
+        self._fit(task, gen, self.hp["epochs"], t, free, train_bias=first)
+        # Prune: keep the largest free weights of each layer, release the rest (set to 0).
+        for n, own in self.owner.items():
+            w = self.params[f"{n}.weight"]
+            cand = free[n]
+            k = int(round(cand.sum().item() * (1.0 - self.hp["prune"])))
+            keep = torch.zeros_like(cand)
+            if k > 0:
+                mags = torch.where(cand, w.abs(), torch.full_like(w, -1.0))
+                keep.view(-1)[torch.topk(mags.view(-1), k).indices] = True
+            own[keep] = t + 1
+            self.params[f"{n}.weight"] = torch.where(cand & ~keep, torch.zeros_like(w), w)
+        # Retrain only what this task kept, with released weights held at zero.
+        mine = {n: own == t + 1 for n, own in self.owner.items()}
+        self._fit(task, gen, self.hp["retrain_epochs"], t, mine, train_bias=first)
+        for n, own in self.owner.items():  # released weights stay exactly 0 for the next task
+            w = self.params[f"{n}.weight"]
+            self.params[f"{n}.weight"] = torch.where(own == 0, torch.zeros_like(w), w)
+
+    def export_task(self, t: int) -> dict[str, np.ndarray]:
+        out = {f"mask.{n}": pack_bits(((own > 0) & (own <= t + 1)).numpy())
+               for n, own in self.owner.items()}
+        out.update(self.export_head(t))
+        return out
+
+    def free_fraction(self) -> float:
+        total = sum(o.numel() for o in self.owner.values())
+        return sum(int((o == 0).sum()) for o in self.owner.values()) / total
+
+    def _extra_state(self):
+        return {f"owner.{n}": o for n, o in self.owner.items()}
+
+    def _load_extra_state(self, state, n_tasks):
+        self.owner = {n: state[f"owner.{n}"].clone() for n in self.owner}

@@ -1,0 +1,75 @@
+"""Evaluating a bundle through the device runtime: the accuracy matrix, version by version.
+
+Row i of R is measured on the newest bundle version whose tasks are exactly the first
+i+1 tasks, so R[i][j] is what the device really answered after learning task i. Entries
+above the diagonal do not exist on the device (task j has no head yet) and are None;
+FWT uses the accuracies the host measured before each task was learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .bundle import Bundle
+from .errors import EdgeclError, InputError
+from .session import Runtime
+
+
+def _as_input(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+        raise InputError(f"task {name}: data of shape {x.shape[1:]} does not fit the model's "
+                         f"input {shape}")
+    return x.reshape(len(x), *shape)
+
+
+def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict:
+    """``data``: (task name, x_test, y_test local labels) for every task of the bundle."""
+    current = Bundle.open(path)
+    names = current.task_names
+    by_name = {name: (x, y) for name, x, y in data}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise EdgeclError(f"{path}: the data has no test set for bundle task(s) {missing}")
+    shape = tuple(current.model["input_shape"])
+    rows: list[list[float | None]] = []
+    versions_used = []
+    by_tasks = {}
+    for v in current.versions():
+        b = Bundle.open(path, version=v, verify=False)
+        by_tasks[tuple(b.task_names)] = v
+    for i in range(len(names)):
+        v = by_tasks.get(tuple(names[: i + 1]))
+        row: list[float | None] = [None] * len(names)
+        if v is not None:
+            rt = Runtime(path, version=v)
+            for j in range(i + 1):
+                x, y = by_name[names[j]]
+                pred = rt.logits(_as_input(x, shape, names[j]), names[j]).argmax(axis=1)
+                row[j] = float((pred == y).mean())
+        rows.append(row)
+        versions_used.append(v)
+    final = rows[-1]
+    diag_ok = all(rows[j][j] is not None for j in range(len(names)))
+    tasks = current.tasks
+    return {
+        "bundle": str(path),
+        "version": current.version,
+        "tasks": names,
+        "versions_per_row": versions_used,
+        "acc_matrix": rows,
+        "acc": metrics.acc([final]),
+        "bwt": metrics.bwt(rows) if diag_ok else None,
+        "fwt": metrics.fwt([t["metrics"].get("before_acc") for t in tasks],
+                           [t["metrics"].get("init_acc") for t in tasks]),
+        "fwt_source": "host: accuracy before each task was learned vs. at initialization",
+        "bits_per_weight_per_task": [t["storage"]["mask_bits_per_weight"] for t in tasks],
+        "per_task": [{"name": t["name"], "method": t["method"], "acc": final[i],
+                      "host_acc": t["metrics"].get("host_acc"),
+                      "mask_bits_per_weight": t["storage"]["mask_bits_per_weight"],
+                      "bits_per_weight": t["storage"]["bits_per_weight"],
+                      "bytes": t["storage"]["file_bytes"]} for i, t in enumerate(tasks)],
+    }

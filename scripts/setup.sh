@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up the project's own virtual environment (.venv) with the host and test extras.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch==2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from the local wheel.
+.venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel >/dev/null
+.venv/bin/python -m pip install --quiet -e ".[host,test]"

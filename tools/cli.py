@@ -1,0 +1,214 @@
+"""The ``edgecl`` command line.
+
+Device-side commands (eval, infer, inspect) import only the runtime; host commands
+(train, bundle, demo) import torch when they run, never at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgecl.runtime.errors import EdgeclError
+
+from . import tables
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _widths(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of widths") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {value!r}")
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edgecl.models.training import train
+
+    backbone = None
+    if args.backbone:
+        from edgecl.runtime.safetensors_mmap import read_safetensors
+
+        backbone, _ = read_safetensors(args.backbone, mapped=False)
+    run = train(args.data, args.method, args.out, n_tasks=args.tasks, seed=args.seed,
+                arch=args.arch, hidden=args.hidden, backbone=backbone)
+    print(f"{args.out}: {len(run.tasks)} task(s) learned with {args.method}")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from edgecl.compiler.from_run import bundle_run
+
+    versions = bundle_run(args.run_dir, args.out)
+    if versions:
+        print(f"{args.out}: wrote version(s) {', '.join(map(str, versions))}")
+    else:
+        print(f"{args.out}: already holds every task of {args.run_dir}; nothing written")
+    return 0
+
+
+def _eval_data(spec: dict | None, data: str, seed: int | None) -> list:
+    from edgecl.models.data import load_stream
+
+    if seed is None:
+        seed = int((spec or {}).get("seed", 0)) if (spec or {}).get("data") == data else 0
+    n = (spec or {}).get("n_tasks") if data == "permuted-digits" else None
+    stream = load_stream(data, seed=seed, n_tasks=n)
+    return [(t.name, t.x_test, t.y_test) for t in stream.tasks]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgecl.runtime.bundle import Bundle
+    from edgecl.runtime.evaluate import evaluate
+
+    spec = Bundle.open(args.bundle).manifest.get("stream")
+    result = evaluate(args.bundle, _eval_data(spec, args.data, args.seed))
+    print(tables.acc_matrix(result["tasks"], result["acc_matrix"]))
+    fwt = "-" if result["fwt"] is None else f"{result['fwt']:+.4f}"
+    bwt = "-" if result["bwt"] is None else f"{result['bwt']:+.4f}"
+    print(f"ACC {result['acc']:.4f}   BWT {bwt}   FWT {fwt}")
+    print(tables.render(
+        ["task", "method", "acc", "mask bits/weight", "bits/weight (with head)", "bytes"],
+        [[p["name"], p["method"], f"{p['acc']:.3f}", f"{p['mask_bits_per_weight']:.4f}",
+          f"{p['bits_per_weight']:.4f}", p["bytes"]] for p in result["per_task"]]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+    from edgecl.runtime import Runtime
+
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except FileNotFoundError:
+        raise EdgeclError(f"{args.input}: no such file") from None
+    except Exception as e:
+        raise EdgeclError(f"{args.input}: not a readable .npy array ({e})") from e
+    rt = Runtime(args.bundle)
+    if x.ndim >= 1 and x.shape[1:] != rt.input_shape and x.shape != rt.input_shape \
+            and x.ndim >= 2 and int(np.prod(x.shape[1:])) == int(np.prod(rt.input_shape)):
+        x = x.reshape(len(x), *rt.input_shape)  # e.g. 8x8 images for a 64-input MLP
+    logits = rt.logits(x, args.task)
+    info = rt.bundle.task(args.task)
+    labels = np.asarray(info["classes"])[logits.argmax(axis=1)]
+    if args.json:
+        print(json.dumps({"task": info["name"], "predictions": labels.tolist(),
+                          "logits": logits.tolist()}))
+    else:
+        print(f"task {info['name']}: {len(labels)} prediction(s)")
+        print(" ".join(map(str, labels.tolist())))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgecl.runtime.bundle import Bundle
+
+    b = Bundle.open(args.bundle)
+    m = b.manifest
+    print(f"bundle {args.bundle}: format {m['format']} v{m['format_version']}, version {b.version} "
+          f"(versions on disk: {', '.join(map(str, b.versions()))}), edgecl {m.get('edgecl_version')}")
+    model = b.model
+    print(f"model: {model['arch']}, input {tuple(model['input_shape'])}, "
+          f"{model['n_weights']:,} backbone weights, {model['feature_dim']} features")
+    layers = [layer for layer in model["layers"] if "name" in layer]
+    print(tables.render(["layer", "op", "weight shape"],
+                        [[layer["name"], layer["op"], tuple(b.backbone[f"{layer['name']}.weight"].shape)]
+                         for layer in layers]))
+    print()
+    print(tables.render(
+        ["#", "task", "method", "mask", "classes", "mask bits/weight", "bytes", "host acc"],
+        [[t["index"], t["name"], t["method"], t["mask_kind"], t["classes"],
+          f"{t['storage']['mask_bits_per_weight']:.4f}", t["storage"]["file_bytes"],
+          f"{t['metrics'].get('host_acc', float('nan')):.3f}"] for t in b.tasks]))
+    print()
+    print(tables.render(["file", "bytes", "sha256"],
+                        [[rel, f["bytes"], f["sha256"]] for rel, f in sorted(m["files"].items())]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), methods=args.methods.split(","), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgecl", description=__doc__.splitlines()[0] if __doc__ else "")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="learn a task stream on the host into a run directory")
+    t.add_argument("--data", required=True,
+                   help="split-digits, permuted-digits, or PATH.npz (arrays x, y, optional task)")
+    t.add_argument("--method", required=True, choices=["packnet", "supsup", "piggyback", "hat"])
+    t.add_argument("--out", required=True, help="run directory (an existing one is continued)")
+    t.add_argument("--tasks", type=_positive, help="learn only the first N tasks of the stream")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
+    t.add_argument("--hidden", type=_widths,
+                   help="widths, e.g. 256,256 (mlp) or 16,32,128 (cnn: channels..., linear)")
+    t.add_argument("--backbone", help="piggyback: a trained backbone (.safetensors) to mask")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bundle", help="write a run's tasks into a bundle (new version per task)")
+    b.add_argument("run_dir")
+    b.add_argument("--out", required=True, help="bundle directory (an existing one is extended)")
+    b.set_defaults(func=cmd_bundle)
+
+    e = sub.add_parser("eval", help="accuracy matrix, ACC/BWT/FWT and storage via the runtime")
+    e.add_argument("bundle")
+    e.add_argument("--data", required=True, help="split-digits, permuted-digits or PATH.npz")
+    e.add_argument("--seed", type=int, help="split seed (default: the one the bundle was trained on)")
+    e.add_argument("--json", help="write the results here")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("infer", help="predict with one task of a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--task", required=True, help="task name or index")
+    i.add_argument("--input", required=True, help=".npy array: a batch of inputs")
+    i.add_argument("--json", action="store_true", help="print predictions and logits as JSON")
+    i.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("inspect", help="a bundle's tasks, sizes, hashes and methods")
+    s.add_argument("bundle")
+    s.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
+    d.add_argument("--out", default="demo-out", help="where runs and bundles go")
+    d.add_argument("--methods", default="packnet,supsup,piggyback,hat")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeclError as e:
+        print(f"edgecl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgecl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
