@@ -1,0 +1,61 @@
+"""Shared fixtures: runs trained once per session on Split-Digits, and their bundles."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgecl.compiler.from_run import bundle_run
+from edgecl.models.data import split_digits
+from edgecl.models.training import load_run, train
+
+METHODS = ["packnet", "supsup", "piggyback", "hat"]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return split_digits(0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """method -> (run dir, bundle dir): default MLP, seed 0, all 5 Split-Digits tasks."""
+    root = tmp_path_factory.mktemp("trained")
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(method: str, arch: str = "mlp") -> tuple[Path, Path]:
+        key = f"{method}-{arch}"
+        if key not in cache:
+            run_dir, bundle_dir = root / "runs" / key, root / "bundles" / key
+            train("split-digits", method, run_dir, seed=0, arch=arch, log=_quiet)
+            bundle_run(run_dir, bundle_dir)
+            cache[key] = (run_dir, bundle_dir)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def bundle_copy(trained, tmp_path):
+    """A private copy of a trained bundle a test may damage."""
+
+    def get(method: str = "supsup", arch: str = "mlp") -> Path:
+        dst = tmp_path / f"bundle-{method}-{arch}"
+        shutil.copytree(trained(method, arch)[1], dst)
+        return dst
+
+    return get
+
+
+@pytest.fixture
+def run_of(trained):
+    def get(method: str, arch: str = "mlp"):
+        return load_run(trained(method, arch)[0])
+
+    return get

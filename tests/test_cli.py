@@ -1,0 +1,119 @@
+"""The command line: --help everywhere, clear errors, and the whole path end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgecl.tools.cli import main
+
+COMMANDS = ["train", "bundle", "eval", "infer", "inspect", "demo"]
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "edgecl.tools.cli", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0
+    for c in COMMANDS:
+        assert c in r.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: edgecl " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "split-digits", "--out", "x"], "--method"),
+    (["train", "--data", "split-digits", "--method", "ewc", "--out", "x"], "invalid choice: 'ewc'"),
+    (["train", "--data", "split-digits", "--method", "hat", "--out", "x", "--tasks", "0"],
+     "must be at least 1"),
+    (["train", "--data", "split-digits", "--method", "hat", "--out", "x", "--hidden", "a,b"],
+     "comma-separated"),
+    (["infer", "b"], "--task"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _err(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_runtime_errors_are_clear(tmp_path, trained, capsys):
+    bundle = str(trained("supsup")[1])
+    assert "unknown data 'mnist'" in _err(
+        ["train", "--data", "mnist", "--method", "hat", "--out", str(tmp_path / "r")], capsys)
+    assert "no such bundle directory" in _err(["inspect", str(tmp_path / "nope")], capsys)
+    assert "run.json: missing" in _err(["bundle", str(tmp_path), "--out", str(tmp_path / "b")], capsys)
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+    err = _err(["infer", bundle, "--task", "cats", "--input", str(tmp_path / "x.npy")], capsys)
+    assert "unknown task 'cats'" in err and "digits-0-1" in err
+    np.save(tmp_path / "bad.npy", np.zeros((2, 65), np.float32))
+    assert "the model takes (batch, 64)" in _err(
+        ["infer", bundle, "--task", "0", "--input", str(tmp_path / "bad.npy")], capsys)
+    nan = np.zeros((3, 64), np.float32)
+    nan[1, 5] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    assert "NaN or infinite values in rows [1]" in _err(
+        ["infer", bundle, "--task", "0", "--input", str(tmp_path / "nan.npy")], capsys)
+    assert "no such file" in _err(
+        ["infer", bundle, "--task", "0", "--input", str(tmp_path / "none.npy")], capsys)
+
+
+def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
+    run, bundle, out = tmp_path / "run", tmp_path / "bundle", tmp_path / "eval.json"
+    assert main(["train", "--data", "split-digits", "--method", "packnet", "--out", str(run),
+                 "--tasks", "2"]) == 0
+    assert main(["bundle", str(run), "--out", str(bundle)]) == 0
+    assert "wrote version(s) 1, 2" in capsys.readouterr().out
+    assert main(["eval", str(bundle), "--data", "split-digits", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("acc_matrix", "acc", "bwt", "fwt", "bits_per_weight_per_task", "per_task"):
+        assert key in r
+    assert r["bwt"] == 0.0 and len(r["acc_matrix"]) == 2 and r["acc"] > 0.9
+    assert all(b <= 1.0 for b in r["bits_per_weight_per_task"])
+    capsys.readouterr()
+    from edgecl.models.data import split_digits
+
+    t = split_digits(0).tasks[1]
+    np.save(tmp_path / "x.npy", t.x_test[:10])  # 8x8 images: reshaped for the MLP
+    assert main(["infer", str(bundle), "--task", "digits-2-3", "--input", str(tmp_path / "x.npy"),
+                 "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["predictions"]
+    assert np.mean(np.array(pred) == np.array(t.classes)[t.y_test[:10]]) >= 0.9
+    assert main(["inspect", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "digits-2-3" in text and "packnet" in text and "1.0000" in text and "sha256" in text
+    # a second bundle call adds nothing; a continued run adds one version
+    assert main(["bundle", str(run), "--out", str(bundle)]) == 0
+    assert "nothing written" in capsys.readouterr().out
+    assert main(["train", "--data", "split-digits", "--method", "packnet", "--out", str(run),
+                 "--tasks", "3"]) == 0
+    assert main(["bundle", str(run), "--out", str(bundle)]) == 0
+    assert "wrote version(s) 3" in capsys.readouterr().out
+    assert "holds a run of" in _err(["train", "--data", "split-digits", "--method", "hat",
+                                     "--out", str(run)], capsys)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgecl.tools.cli", "demo", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("=== Split-Digits")[-1]
+    for method in ("packnet", "supsup", "piggyback", "hat"):
+        row = next(line for line in table.splitlines() if line.strip().startswith(method))
+        acc, bwt = row.split()[1:3]
+        assert float(acc) >= 0.97 and float(bwt) == 0.0
