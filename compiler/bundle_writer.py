@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save as st_save
+
+import edgecl
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import (
     MANIFEST,
@@ -26,9 +29,6 @@ from edgecl.runtime.bundle_format import (
     serialize_manifest,
 )
 from edgecl.runtime.errors import BundleError
-from safetensors.numpy import save as st_save
-
-import edgecl
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from edgecl.models import architectures
 from edgecl.models.training import Run, load_run
 from edgecl.runtime.bundle import Bundle

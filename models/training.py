@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from edgecl.runtime.bundle_format import atomic_write_bytes
-from edgecl.runtime.errors import EdgeclError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from edgecl.runtime.bundle_format import atomic_write_bytes
+from edgecl.runtime.errors import EdgeclError
 
 from . import architectures
 from .data import Stream, load_stream

@@ -93,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
+
     from edgecl.runtime import Runtime
 
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from edgecl.runtime.masks import pack_bits
 
 from ..data import Task
