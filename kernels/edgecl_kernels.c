@@ -1,0 +1,329 @@
+/* edgecl kernels: see edgecl_kernels.h for the contract of every function.
+ *
+ * Portable C99 with no intrinsics. Loops are written for the auto-vectorizer: each
+ * packed byte covers 8 consecutive elements, so the inner loop over its 8 bits is a
+ * fixed-width, branch-free select (one AVX2 register of floats, two NEON ones).
+ * On x86-64 with GCC every hot function is cloned for AVX2 and a baseline (SSE2)
+ * version and chosen at load time (ifunc); aarch64 always has NEON. Build with
+ * -O3 -ffp-contract=off (no fast-math) so the float kernels round exactly like the
+ * numpy reference (no FMA contraction): results then match byte for byte.
+ */
+#include "edgecl_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#define EK_ABI_VERSION 1
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
+    && !defined(EK_NO_CLONES)
+#define EK_HOT __attribute__((target_clones("avx2", "default")))
+#define EK_DISPATCH "x86-64: target_clones(avx2, default)"
+#elif defined(__aarch64__)
+#define EK_HOT
+#define EK_DISPATCH "aarch64: NEON (baseline)"
+#else
+#define EK_HOT
+#define EK_DISPATCH "generic"
+#endif
+
+#ifndef __VERSION__
+#define __VERSION__ "unknown compiler"
+#endif
+
+int ek_abi_version(void) { return EK_ABI_VERSION; }
+
+const char *ek_build_info(void) { return EK_DISPATCH "; cc " __VERSION__; }
+
+/* Mask of the valid bits of the last byte of an n-bit mask (0xFF when n % 8 == 0). */
+static uint8_t tail_mask(int64_t n) {
+    int r = (int)(n & 7);
+    return r ? (uint8_t)((1u << r) - 1u) : (uint8_t)0xFF;
+}
+
+static int64_t nbytes_of(int64_t n) { return (n + 7) >> 3; }
+
+/* ---------------------------------------------------------------- materialize */
+
+/* On 32-bit words: a select by AND with an all-ones / all-zeros lane mask keeps the
+ * exact bytes of a kept weight and gives all-zero bytes (+0.0f) for a dropped one. */
+EK_HOT void ek_materialize_bits(const uint32_t *restrict w, const uint8_t *restrict bits,
+                                uint32_t *restrict out, int64_t n) {
+    const int64_t full = n >> 3;
+    for (int64_t k = 0; k < full; k++) {
+        const uint32_t b = bits[k];
+        for (int j = 0; j < 8; j++) out[8 * k + j] = w[8 * k + j] & (0u - ((b >> j) & 1u));
+    }
+    for (int64_t i = full * 8; i < n; i++) out[i] = w[i] & (0u - (uint32_t)((bits[i >> 3] >> (i & 7)) & 1u));
+}
+
+void ek_materialize_units(const uint32_t *restrict w, const uint8_t *restrict gates,
+                          uint32_t *restrict out, int64_t rows, int64_t row_len) {
+    const size_t len = (size_t)row_len * sizeof(uint32_t);
+    for (int64_t r = 0; r < rows; r++) {
+        if (gates[r]) memcpy(out + r * row_len, w + r * row_len, len);
+        else memset(out + r * row_len, 0, len); /* all-zero bytes are +0.0f */
+    }
+}
+
+/* ---------------------------------------------------------------- pack / unpack */
+
+static inline uint64_t load64(const uint8_t *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+    return x;
+}
+
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) \
+    && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define EK_LITTLE_ENDIAN 1
+#else
+#define EK_LITTLE_ENDIAN 0
+#endif
+
+/* 8 bytes (each 0 or 1; byte j = element j) -> one mask byte (bit j = element j).
+ * SWAR: multiplying by 0x0102040810204080 moves byte j's bit to bit 56 + j; every other
+ * partial product lands above bit 63 or below bit 56 on a distinct position (no carry). */
+static inline uint8_t gather8(const uint8_t *p) {
+#if EK_LITTLE_ENDIAN
+    return (uint8_t)((load64(p) * 0x0102040810204080ull) >> 56);
+#else
+    unsigned b = 0;
+    for (int j = 0; j < 8; j++) b |= (unsigned)p[j] << j;
+    return (uint8_t)b;
+#endif
+}
+
+/* One mask byte -> 8 bytes of 0/1 (element j = bit j). */
+static inline void scatter8(unsigned b, uint8_t *p) {
+#if EK_LITTLE_ENDIAN
+    uint64_t x = ((uint64_t)b * 0x0101010101010101ull) & 0x8040201008040201ull;
+    x = ((x + 0x7F7F7F7F7F7F7F7Full) >> 7) & 0x0101010101010101ull; /* nonzero byte -> 1 */
+    memcpy(p, &x, 8);
+#else
+    for (int j = 0; j < 8; j++) p[j] = (uint8_t)((b >> j) & 1u);
+#endif
+}
+
+/* The tail of a pack: the last n % 8 elements (0/1 bytes) into one byte, pad bits 0. */
+static inline uint8_t gather_tail(const uint8_t *p, int r) {
+    unsigned b = 0;
+    for (int j = 0; j < r; j++) b |= (unsigned)p[j] << j;
+    return (uint8_t)b;
+}
+
+/* Packing works on blocks: a flat (vectorizable) loop makes one 0/1 byte per element
+ * into `tmp`, then gather8 packs them 8 at a time. */
+#define EK_PBLOCK 4096 /* a multiple of 8 */
+
+#define EK_PACK_BODY(COND)                                                          \
+    uint8_t tmp[EK_PBLOCK];                                                         \
+    for (int64_t base = 0; base < n; base += EK_PBLOCK) {                           \
+        const int64_t len = (n - base < EK_PBLOCK) ? n - base : EK_PBLOCK;          \
+        for (int64_t i = 0; i < len; i++) tmp[i] = (uint8_t)(COND);                 \
+        const int64_t full = len >> 3;                                              \
+        uint8_t *restrict ob = bits + (base >> 3);                                  \
+        for (int64_t k = 0; k < full; k++) ob[k] = gather8(tmp + 8 * k);            \
+        if (len & 7) ob[full] = gather_tail(tmp + 8 * full, (int)(len & 7));        \
+    }
+
+EK_HOT void ek_pack(const uint8_t *restrict in, uint8_t *restrict bits, int64_t n) {
+    EK_PACK_BODY(in[base + i] != 0)
+}
+
+EK_HOT void ek_unpack(const uint8_t *restrict bits, uint8_t *restrict out, int64_t n) {
+    const int64_t full = n >> 3;
+    for (int64_t k = 0; k < full; k++) scatter8(bits[k], out + 8 * k);
+    for (int64_t i = full * 8; i < n; i++) out[i] = (uint8_t)((bits[i >> 3] >> (i & 7)) & 1u);
+}
+
+/* ---------------------------------------------------------------- nested masks */
+
+EK_HOT void ek_owner_mask(const int16_t *restrict owner, int16_t t, uint8_t *restrict bits,
+                          int64_t n) {
+    EK_PACK_BODY((owner[base + i] > 0) & (owner[base + i] <= t))
+}
+
+EK_HOT void ek_free_mask(const int16_t *restrict owner, uint8_t *restrict bits, int64_t n) {
+    EK_PACK_BODY(owner[base + i] == 0)
+}
+
+EK_HOT void ek_threshold_mask(const float *restrict scores, float threshold,
+                              uint8_t *restrict bits, int64_t n) {
+    EK_PACK_BODY(scores[base + i] > threshold)
+}
+
+/* ---------------------------------------------------------------- mask algebra */
+
+/* Portable popcount of a 64-bit word (SWAR); the compiler turns it into POPCNT/CNT
+ * where the target has one. */
+static inline unsigned popc64(uint64_t x) {
+#if defined(__GNUC__)
+    return (unsigned)__builtin_popcountll(x);
+#else
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (unsigned)((x * 0x0101010101010101ull) >> 56);
+#endif
+}
+
+/* op: 0 = a, 1 = a & b, 2 = a ^ b. Counts the first n bits only. */
+static inline int64_t count_bits(const uint8_t *restrict a, const uint8_t *restrict b,
+                                 int64_t n, int op) {
+    const int64_t nb = n >> 3; /* whole bytes */
+    const int64_t words = nb >> 3;
+    int64_t total = 0;
+    for (int64_t k = 0; k < words; k++) {
+        uint64_t x = load64(a + 8 * k);
+        if (op == 1) x &= load64(b + 8 * k);
+        else if (op == 2) x ^= load64(b + 8 * k);
+        total += popc64(x);
+    }
+    for (int64_t k = words * 8; k < nb; k++) {
+        unsigned x = a[k];
+        if (op == 1) x &= b[k];
+        else if (op == 2) x ^= b[k];
+        total += popc64(x);
+    }
+    if (n & 7) {
+        unsigned x = a[nb];
+        if (op == 1) x &= b[nb];
+        else if (op == 2) x ^= b[nb];
+        total += popc64(x & tail_mask(n));
+    }
+    return total;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
+    && !defined(EK_NO_CLONES)
+#define EK_POPC __attribute__((target_clones("popcnt", "default")))
+#else
+#define EK_POPC
+#endif
+
+EK_POPC int64_t ek_popcount(const uint8_t *a, int64_t n) { return count_bits(a, a, n, 0); }
+EK_POPC int64_t ek_overlap(const uint8_t *a, const uint8_t *b, int64_t n) {
+    return count_bits(a, b, n, 1);
+}
+EK_POPC int64_t ek_hamming(const uint8_t *a, const uint8_t *b, int64_t n) {
+    return count_bits(a, b, n, 2);
+}
+
+EK_HOT void ek_and(const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict out,
+                   int64_t n) {
+    const int64_t nb = nbytes_of(n);
+    for (int64_t k = 0; k < nb; k++) out[k] = a[k] & b[k];
+    if (nb) out[nb - 1] &= tail_mask(n);
+}
+
+EK_HOT void ek_or(const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict out,
+                  int64_t n) {
+    const int64_t nb = nbytes_of(n);
+    for (int64_t k = 0; k < nb; k++) out[k] = a[k] | b[k];
+    if (nb) out[nb - 1] &= tail_mask(n);
+}
+
+EK_HOT void ek_andnot(const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict out,
+                      int64_t n) {
+    const int64_t nb = nbytes_of(n);
+    for (int64_t k = 0; k < nb; k++) out[k] = a[k] & (uint8_t)~b[k];
+    if (nb) out[nb - 1] &= tail_mask(n);
+}
+
+/* ---------------------------------------------------------------- masked optimizer steps */
+
+/* The updates work on blocks of EK_BLOCK elements: the block's bits are expanded into
+ * lane masks (all ones / all zeros), new values are computed for every lane, and each
+ * lane stores either its new value or the bits it loaded -- a bitwise select, never
+ * arithmetic, so a frozen position's bytes (NaN payloads included) come back exactly
+ * as they were. Blocks with no free bit are skipped without touching their memory.
+ * Every loop is then flat and branch-free, which both GCC and Clang vectorize. */
+
+#define EK_BLOCK 512 /* a multiple of 8: blocks start on a byte of the mask */
+
+static inline float select_bits(uint32_t m, float a, float b) {
+    uint32_t ua, ub, r;
+    float f;
+    memcpy(&ua, &a, 4);
+    memcpy(&ub, &b, 4);
+    r = (ua & m) | (ub & ~m);
+    memcpy(&f, &r, 4);
+    return f;
+}
+
+/* Lane masks of `len` bits starting at bit 0 of `bits`; 0 when none is set. */
+static inline int expand_bits(const uint8_t *restrict bits, uint32_t *restrict mask, int64_t len) {
+    const int64_t full = len >> 3;
+    unsigned any = 0;
+    for (int64_t k = 0; k < full; k++) any |= bits[k];
+    if (len & 7) any |= bits[full] & ((1u << (len & 7)) - 1u);
+    if (!any) return 0;
+    for (int64_t k = 0; k < full; k++) {
+        const uint32_t b = bits[k];
+        for (int j = 0; j < 8; j++) mask[8 * k + j] = 0u - ((b >> j) & 1u);
+    }
+    for (int64_t i = full * 8; i < len; i++) mask[i] = 0u - (uint32_t)((bits[i >> 3] >> (i & 7)) & 1u);
+    return 1;
+}
+
+EK_HOT void ek_masked_sgd(float *restrict w, const float *restrict grad, float *restrict buf,
+                          const uint8_t *restrict free_bits, int64_t n, float lr, float momentum,
+                          float weight_decay) {
+    uint32_t mask[EK_BLOCK];
+    for (int64_t base = 0; base < n; base += EK_BLOCK) {
+        const int64_t len = (n - base < EK_BLOCK) ? n - base : EK_BLOCK;
+        if (!expand_bits(free_bits + (base >> 3), mask, len)) continue;
+        float *restrict wk = w + base;
+        const float *restrict gk = grad + base;
+        float *restrict bk = buf + base;
+        for (int64_t i = 0; i < len; i++) {
+            const float g = gk[i] + weight_decay * wk[i];
+            const float nb = momentum * bk[i] + g;
+            const float nw = wk[i] - lr * nb;
+            bk[i] = select_bits(mask[i], nb, bk[i]);
+            wk[i] = select_bits(mask[i], nw, wk[i]);
+        }
+    }
+}
+
+EK_HOT void ek_masked_adam(float *restrict w, const float *restrict grad, float *restrict m,
+                           float *restrict v, const uint8_t *restrict free_bits, int64_t n,
+                           float step_size, float beta1, float beta2, float one_minus_beta1,
+                           float one_minus_beta2, float sqrt_bc2, float eps, float weight_decay) {
+    uint32_t mask[EK_BLOCK];
+    for (int64_t base = 0; base < n; base += EK_BLOCK) {
+        const int64_t len = (n - base < EK_BLOCK) ? n - base : EK_BLOCK;
+        if (!expand_bits(free_bits + (base >> 3), mask, len)) continue;
+        float *restrict wk = w + base;
+        const float *restrict gk = grad + base;
+        float *restrict mk = m + base;
+        float *restrict vk = v + base;
+        for (int64_t i = 0; i < len; i++) {
+            const float g = gk[i] + weight_decay * wk[i];
+            const float nm = beta1 * mk[i] + one_minus_beta1 * g;
+            const float nv = beta2 * vk[i] + one_minus_beta2 * (g * g);
+            const float denom = sqrtf(nv) / sqrt_bc2 + eps;
+            const float nw = wk[i] - step_size * (nm / denom);
+            mk[i] = select_bits(mask[i], nm, mk[i]);
+            vk[i] = select_bits(mask[i], nv, vk[i]);
+            wk[i] = select_bits(mask[i], nw, wk[i]);
+        }
+    }
+}
+
+EK_HOT void ek_score_sgd(float *restrict scores, const float *restrict grad, float *restrict buf,
+                         int64_t n, float lr, float momentum, float weight_decay) {
+    if (buf) {
+        for (int64_t i = 0; i < n; i++) {
+            const float g = grad[i] + weight_decay * scores[i];
+            buf[i] = momentum * buf[i] + g;
+            scores[i] = scores[i] - lr * buf[i];
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const float g = grad[i] + weight_decay * scores[i];
+            scores[i] = scores[i] - lr * g;
+        }
+    }
+}

@@ -1,0 +1,64 @@
+/* edgecl kernels: mask work of the device runtime (portable C99, no intrinsics).
+ *
+ * Bit order (the bundle's, fixed): a tensor is flattened in C order; bit i is bit
+ * (i % 8), least significant first, of byte i / 8 -- numpy.packbits(..., bitorder=
+ * "little"). Pad bits of the last byte are written as 0 and ignored when read.
+ *
+ * Every length is a count of elements (or of bits); the Python wrappers check that
+ * each buffer holds at least that many before calling in. Buffers passed to one call
+ * must not overlap (they are declared restrict).
+ */
+#ifndef EDGECL_KERNELS_H
+#define EDGECL_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Version of this C API; the Python side refuses a module with another one. */
+int ek_abi_version(void);
+/* A short description of how the module was compiled (compiler, ISA dispatch). */
+const char *ek_build_info(void);
+
+/* On 32-bit elements (float32 -- or any 4-byte type -- as raw words):
+ * out[i] = bit(bits, i) ? w[i] : 0 (all-zero bytes, i.e. +0.0f), for i < n. */
+void ek_materialize_bits(const uint32_t *w, const uint8_t *bits, uint32_t *out, int64_t n);
+/* rows of `row_len` elements: out[r, :] = gates[r] ? w[r, :] : 0. */
+void ek_materialize_units(const uint32_t *w, const uint8_t *gates, uint32_t *out,
+                          int64_t rows, int64_t row_len);
+
+/* Pack n bytes (nonzero = 1) into (n + 7) / 8 bytes; unpack n bits into 0/1 bytes. */
+void ek_pack(const uint8_t *in, uint8_t *bits, int64_t n);
+void ek_unpack(const uint8_t *bits, uint8_t *out, int64_t n);
+
+/* Nested masks from a per-weight owner (0 = free, t = 1-based owning task). */
+void ek_owner_mask(const int16_t *owner, int16_t t, uint8_t *bits, int64_t n);
+void ek_free_mask(const int16_t *owner, uint8_t *bits, int64_t n);
+/* Bits of scores[i] > threshold (supermask / Piggyback thresholding). */
+void ek_threshold_mask(const float *scores, float threshold, uint8_t *bits, int64_t n);
+
+/* Mask algebra over n bits. */
+int64_t ek_popcount(const uint8_t *a, int64_t n);
+int64_t ek_overlap(const uint8_t *a, const uint8_t *b, int64_t n);
+int64_t ek_hamming(const uint8_t *a, const uint8_t *b, int64_t n);
+void ek_and(const uint8_t *a, const uint8_t *b, uint8_t *out, int64_t n);
+void ek_or(const uint8_t *a, const uint8_t *b, uint8_t *out, int64_t n);
+void ek_andnot(const uint8_t *a, const uint8_t *b, uint8_t *out, int64_t n);
+
+/* Masked optimizer steps: only positions whose bit is set in `free_bits` change, in
+ * w and in every state buffer; all other bytes are left as they were.
+ *   SGD:  g = grad + wd*w;  buf = momentum*buf + g;  w = w - lr*buf
+ *   Adam: g = grad + wd*w;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;
+ *         w = w - step_size * (m / (sqrt(v) / sqrt_bc2 + eps))
+ *         with step_size = lr / (1 - b1^t) and sqrt_bc2 = sqrt(1 - b2^t). */
+void ek_masked_sgd(float *w, const float *grad, float *buf, const uint8_t *free_bits,
+                   int64_t n, float lr, float momentum, float weight_decay);
+void ek_masked_adam(float *w, const float *grad, float *m, float *v,
+                    const uint8_t *free_bits, int64_t n, float step_size, float beta1,
+                    float beta2, float one_minus_beta1, float one_minus_beta2,
+                    float sqrt_bc2, float eps, float weight_decay);
+/* Supermask score step (every score learns; the backbone is frozen):
+ *   g = grad + wd*s;  buf = momentum*buf + g (if buf);  s = s - lr*(buf or g) */
+void ek_score_sgd(float *scores, const float *grad, float *buf, int64_t n, float lr,
+                  float momentum, float weight_decay);
+
+#endif

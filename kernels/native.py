@@ -1,0 +1,191 @@
+"""The compiled kernels (``edgecl.kernels._native``, cffi API mode) behind the same
+signatures and checks as their numpy twins in :mod:`edgecl.kernels.reference`.
+
+Importing this module raises ImportError when the extension is missing or was built
+for another ABI version; :mod:`edgecl.kernels` catches that and falls back to numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks as C
+from . import _native as _ext  # ImportError here means "no native kernels"
+from . import reference as R
+from ._native import ffi, lib
+
+NAME = "native"
+ABI_VERSION = 1
+
+if lib.ek_abi_version() != ABI_VERSION:
+    raise ImportError(f"edgecl.kernels._native has ABI version {lib.ek_abi_version()}, "
+                      f"this package needs {ABI_VERSION}: rebuild it (pip install .)")
+
+BUILD_INFO = ffi.string(lib.ek_build_info()).decode()
+PATH = getattr(_ext, "__file__", "?")
+
+
+def _p(a: np.ndarray, ctype: str):
+    """A C pointer into ``a`` (which the checks made C-contiguous and large enough)."""
+    return ffi.from_buffer(ctype, a)
+
+
+# ---------------------------------------------------------------- materialize
+
+def materialize_bits(w: np.ndarray, bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    C.f32("w", w)
+    C.bits("bits", bits, w.size)
+    out = C.out_array("out", out, w.shape, np.float32)
+    C.no_overlap(w=w, out=out)
+    if w.size:
+        lib.ek_materialize_bits(_p(w, "uint32_t[]"), _p(bits, "uint8_t[]"),
+                                _p(out, "uint32_t[]"), w.size)
+    return out
+
+
+def materialize_units(w: np.ndarray, gates: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    C.f32("w", w)
+    if w.ndim < 1:
+        raise ValueError("w must have at least one dimension (its units along axis 0)")
+    C.bools("gates", gates)
+    if gates.shape != (w.shape[0],):
+        raise ValueError(f"gates has shape {gates.shape}, need ({w.shape[0]},) (one per unit of w)")
+    out = C.out_array("out", out, w.shape, np.float32)
+    C.no_overlap(w=w, out=out)
+    if w.size:
+        lib.ek_materialize_units(_p(w, "uint32_t[]"), _p(gates.view(np.uint8), "uint8_t[]"),
+                                 _p(out, "uint32_t[]"), w.shape[0], w.size // w.shape[0])
+    return out
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+def pack(mask: np.ndarray) -> np.ndarray:
+    C.bools("mask", mask)
+    out = np.empty(C.nbytes_for(mask.size), np.uint8)
+    if mask.size:
+        lib.ek_pack(_p(mask.view(np.uint8), "uint8_t[]"), _p(out, "uint8_t[]"), mask.size)
+    return out
+
+
+def unpack(bits: np.ndarray, shape, out: np.ndarray | None = None) -> np.ndarray:
+    shape = C.shape_of("shape", shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    C.bits("bits", bits, n)
+    out = C.out_array("out", out, shape, np.bool_)
+    if n:
+        lib.ek_unpack(_p(bits, "uint8_t[]"), _p(out.view(np.uint8), "uint8_t[]"), n)
+    return out
+
+
+# ---------------------------------------------------------------- nested masks
+
+def owner_mask(owner: np.ndarray, t: int) -> np.ndarray:
+    C.int16("owner", owner)
+    t = C.count("t", t)
+    if t > np.iinfo(np.int16).max:
+        raise ValueError(f"t must be <= {np.iinfo(np.int16).max}, got {t}")
+    out = np.empty(C.nbytes_for(owner.size), np.uint8)
+    if owner.size:
+        lib.ek_owner_mask(_p(owner, "int16_t[]"), t, _p(out, "uint8_t[]"), owner.size)
+    return out
+
+
+def free_mask(owner: np.ndarray) -> np.ndarray:
+    C.int16("owner", owner)
+    out = np.empty(C.nbytes_for(owner.size), np.uint8)
+    if owner.size:
+        lib.ek_free_mask(_p(owner, "int16_t[]"), _p(out, "uint8_t[]"), owner.size)
+    return out
+
+
+def threshold_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    C.f32("scores", scores)
+    out = np.empty(C.nbytes_for(scores.size), np.uint8)
+    if scores.size:
+        lib.ek_threshold_mask(_p(scores, "float[]"), float(np.float32(threshold)),
+                              _p(out, "uint8_t[]"), scores.size)
+    return out
+
+
+# ---------------------------------------------------------------- mask algebra
+
+def popcount(bits: np.ndarray, n: int | None = None) -> int:
+    bits, n = C.bits_arg("bits", bits, n)
+    return int(lib.ek_popcount(_p(bits, "uint8_t[]"), n)) if n else 0
+
+
+def _pair(a, b, n):
+    a, n = C.bits_arg("a", a, n)
+    C.bits("b", b, n)
+    return a, b, n
+
+
+def overlap(a: np.ndarray, b: np.ndarray, n: int | None = None) -> int:
+    a, b, n = _pair(a, b, n)
+    return int(lib.ek_overlap(_p(a, "uint8_t[]"), _p(b, "uint8_t[]"), n)) if n else 0
+
+
+def hamming(a: np.ndarray, b: np.ndarray, n: int | None = None) -> int:
+    a, b, n = _pair(a, b, n)
+    return int(lib.ek_hamming(_p(a, "uint8_t[]"), _p(b, "uint8_t[]"), n)) if n else 0
+
+
+def _binop(fn, a, b, n, out):
+    a, b, n = _pair(a, b, n)
+    out = C.out_array("out", out, (C.nbytes_for(n),), np.uint8)
+    C.no_overlap(a=a, out=out)
+    C.no_overlap(b=b, out=out)
+    if n:
+        fn(_p(a, "uint8_t[]"), _p(b, "uint8_t[]"), _p(out, "uint8_t[]"), n)
+    return out
+
+
+def and_(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    return _binop(lib.ek_and, a, b, n, out)
+
+
+def or_(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    return _binop(lib.ek_or, a, b, n, out)
+
+
+def andnot(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    return _binop(lib.ek_andnot, a, b, n, out)
+
+
+# ---------------------------------------------------------------- masked optimizer steps
+
+def masked_sgd_momentum_(w: np.ndarray, grad: np.ndarray, momentum_buf: np.ndarray,
+                         free_bits: np.ndarray, lr: float, momentum: float,
+                         weight_decay: float = 0.0) -> None:
+    lr, mom, wd = R.sgd_args(w, grad, momentum_buf, free_bits, lr, momentum, weight_decay)
+    if w.size:
+        lib.ek_masked_sgd(_p(w, "float[]"), _p(grad, "float[]"), _p(momentum_buf, "float[]"),
+                          _p(free_bits, "uint8_t[]"), w.size, float(lr), float(mom), float(wd))
+
+
+def masked_adam_(w: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                 free_bits: np.ndarray, lr: float, step: int, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    scalars = R.adam_args(w, grad, exp_avg, exp_avg_sq, free_bits, lr, step, beta1, beta2, eps,
+                          weight_decay)
+    if w.size:
+        lib.ek_masked_adam(_p(w, "float[]"), _p(grad, "float[]"), _p(exp_avg, "float[]"),
+                           _p(exp_avg_sq, "float[]"), _p(free_bits, "uint8_t[]"), w.size,
+                           *(float(s) for s in scalars))
+
+
+def score_step_(scores: np.ndarray, grad: np.ndarray, lr: float, momentum: float = 0.0,
+                momentum_buf: np.ndarray | None = None, weight_decay: float = 0.0) -> None:
+    lr, mom, wd = R.score_args(scores, grad, lr, momentum, momentum_buf, weight_decay)
+    if scores.size:
+        buf = ffi.NULL if momentum_buf is None else _p(momentum_buf, "float[]")
+        lib.ek_score_sgd(_p(scores, "float[]"), _p(grad, "float[]"), buf, scores.size,
+                         float(lr), float(mom), float(wd))
+
+
+for _name in ("materialize_bits", "materialize_units", "pack", "unpack", "owner_mask", "free_mask",
+              "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
+              "masked_sgd_momentum_", "masked_adam_", "score_step_"):
+    globals()[_name].__doc__ = getattr(R, _name).__doc__
+del _name

@@ -1,0 +1,265 @@
+"""The numpy twins of the C kernels: the reference every native kernel is tested
+against (byte for byte for bits, selects and integers; the float steps also round the
+same way, one float32 operation at a time), and the fallback where the compiled module
+cannot be loaded. Same signatures and checks as :mod:`edgecl.kernels.native`.
+
+Bit order: flatten C-order; bit ``i`` is bit ``i % 8`` (least significant first) of
+byte ``i // 8`` -- ``numpy.packbits(mask.reshape(-1), bitorder="little")``. Pad bits of
+the last byte are written 0 and ignored when read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks as C
+
+NAME = "numpy"
+
+
+def _unpack_flat(bits: np.ndarray, n: int) -> np.ndarray:
+    return np.unpackbits(bits[: C.nbytes_for(n)], count=n, bitorder="little").view(bool)
+
+
+def _pack_flat(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.reshape(-1), bitorder="little")
+
+
+def _tail_clear(out: np.ndarray, n: int) -> np.ndarray:
+    if n % 8 and out.size:
+        out[-1] &= np.uint8((1 << (n % 8)) - 1)
+    return out
+
+
+# ---------------------------------------------------------------- materialize
+
+def materialize_bits(w: np.ndarray, bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``W ⊙ M`` for a packed weight-level mask: kept weights' bytes, +0.0 elsewhere."""
+    C.f32("w", w)
+    C.bits("bits", bits, w.size)
+    out = C.out_array("out", out, w.shape, np.float32)
+    C.no_overlap(w=w, out=out)
+    mask = _unpack_flat(bits, w.size).reshape(w.shape)
+    np.copyto(out, np.where(mask, w, np.float32(0)))
+    return out
+
+
+def materialize_units(w: np.ndarray, gates: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows / output channels of ``w`` (axis 0) kept where ``gates`` is nonzero, else +0.0."""
+    C.f32("w", w)
+    if w.ndim < 1:
+        raise ValueError("w must have at least one dimension (its units along axis 0)")
+    C.bools("gates", gates)
+    if gates.shape != (w.shape[0],):
+        raise ValueError(f"gates has shape {gates.shape}, need ({w.shape[0]},) (one per unit of w)")
+    out = C.out_array("out", out, w.shape, np.float32)
+    C.no_overlap(w=w, out=out)
+    keep = (gates != 0).reshape((-1,) + (1,) * (w.ndim - 1))
+    np.copyto(out, np.where(keep, w, np.float32(0)))
+    return out
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+def pack(mask: np.ndarray) -> np.ndarray:
+    """bool (or uint8, nonzero = 1) array of any shape -> packed bits, (n + 7) // 8 bytes."""
+    C.bools("mask", mask)
+    return _pack_flat(mask)
+
+
+def unpack(bits: np.ndarray, shape, out: np.ndarray | None = None) -> np.ndarray:
+    """Packed bits -> bool array of ``shape`` (an int or a tuple)."""
+    shape = C.shape_of("shape", shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    C.bits("bits", bits, n)
+    out = C.out_array("out", out, shape, np.bool_)
+    np.copyto(out, _unpack_flat(bits, n).reshape(shape))
+    return out
+
+
+# ---------------------------------------------------------------- nested masks
+
+def owner_mask(owner: np.ndarray, t: int) -> np.ndarray:
+    """PackNet's nested mask of task ``t`` (1-based): bits of ``0 < owner <= t``."""
+    C.int16("owner", owner)
+    t = C.count("t", t)
+    if t > np.iinfo(np.int16).max:
+        raise ValueError(f"t must be <= {np.iinfo(np.int16).max}, got {t}")
+    return _pack_flat((owner > 0) & (owner <= t))
+
+
+def free_mask(owner: np.ndarray) -> np.ndarray:
+    """The free set, bits of ``owner == 0``."""
+    C.int16("owner", owner)
+    return _pack_flat(owner == 0)
+
+
+def threshold_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Bits of ``scores > threshold`` (float32 comparison; NaN scores are 0)."""
+    C.f32("scores", scores)
+    return _pack_flat(scores > np.float32(threshold))
+
+
+# ---------------------------------------------------------------- mask algebra
+
+def popcount(bits: np.ndarray, n: int | None = None) -> int:
+    """Ones among the first ``n`` bits (default: all of ``bits``)."""
+    bits, n = C.bits_arg("bits", bits, n)
+    return int(np.count_nonzero(_unpack_flat(bits, n)))
+
+
+def _pair(a, b, n):
+    a, n = C.bits_arg("a", a, n)
+    C.bits("b", b, n)
+    return a[: C.nbytes_for(n)], b[: C.nbytes_for(n)], n
+
+
+def overlap(a: np.ndarray, b: np.ndarray, n: int | None = None) -> int:
+    """|a AND b| over the first ``n`` bits."""
+    a, b, n = _pair(a, b, n)
+    return popcount(np.bitwise_and(a, b), n)
+
+
+def hamming(a: np.ndarray, b: np.ndarray, n: int | None = None) -> int:
+    """|a XOR b| over the first ``n`` bits."""
+    a, b, n = _pair(a, b, n)
+    return popcount(np.bitwise_xor(a, b), n)
+
+
+def _binop(op, a, b, n, out):
+    a, b, n = _pair(a, b, n)
+    out = C.out_array("out", out, (C.nbytes_for(n),), np.uint8)
+    op(a, b, out=out)
+    return _tail_clear(out, n)
+
+
+def and_(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """a AND b over ``n`` bits; pad bits 0."""
+    return _binop(np.bitwise_and, a, b, n, out)
+
+
+def or_(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """a OR b over ``n`` bits; pad bits 0."""
+    return _binop(np.bitwise_or, a, b, n, out)
+
+
+def andnot(a: np.ndarray, b: np.ndarray, n: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """a AND NOT b over ``n`` bits; pad bits 0."""
+    return _binop(lambda x, y, out: np.bitwise_and(x, np.invert(y), out=out), a, b, n, out)
+
+
+# ---------------------------------------------------------------- masked optimizer steps
+
+def sgd_args(w, grad, buf, free_bits, lr, momentum, weight_decay):
+    C.f32("w", w, writable=True)
+    C.f32("grad", grad)
+    C.same_shape("grad", grad, "w", w)
+    C.f32("momentum_buf", buf, writable=True)
+    C.same_shape("momentum_buf", buf, "w", w)
+    C.bits("free_bits", free_bits, w.size)
+    C.no_overlap(w=w, grad=grad, momentum_buf=buf, free_bits=free_bits)
+    return np.float32(lr), np.float32(momentum), np.float32(weight_decay)
+
+
+def adam_args(w, grad, m, v, free_bits, lr, step, beta1, beta2, eps, weight_decay):
+    C.f32("w", w, writable=True)
+    C.f32("grad", grad)
+    C.same_shape("grad", grad, "w", w)
+    C.f32("exp_avg", m, writable=True)
+    C.same_shape("exp_avg", m, "w", w)
+    C.f32("exp_avg_sq", v, writable=True)
+    C.same_shape("exp_avg_sq", v, "w", w)
+    C.bits("free_bits", free_bits, w.size)
+    C.no_overlap(w=w, grad=grad, exp_avg=m, exp_avg_sq=v, free_bits=free_bits)
+    step = C.count("step", step)
+    if step < 1:
+        raise ValueError("step must be >= 1 (the 1-based count of Adam steps taken, this one included)")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    f = np.float32
+    # bias corrections in double, then rounded once: both implementations get these
+    step_size = f(lr / (1.0 - beta1**step))
+    sqrt_bc2 = f((1.0 - beta2**step) ** 0.5)
+    return (step_size, f(beta1), f(beta2), f(1.0 - beta1), f(1.0 - beta2), sqrt_bc2, f(eps),
+            f(weight_decay))
+
+
+def score_args(scores, grad, lr, momentum, buf, weight_decay):
+    C.f32("scores", scores, writable=True)
+    C.f32("grad", grad)
+    C.same_shape("grad", grad, "scores", scores)
+    if buf is not None:
+        C.f32("momentum_buf", buf, writable=True)
+        C.same_shape("momentum_buf", buf, "scores", scores)
+    elif momentum != 0:
+        raise ValueError("momentum_buf is required when momentum != 0")
+    C.no_overlap(scores=scores, grad=grad, momentum_buf=buf)
+    return np.float32(lr), np.float32(momentum), np.float32(weight_decay)
+
+
+def masked_sgd_momentum_(w: np.ndarray, grad: np.ndarray, momentum_buf: np.ndarray,
+                         free_bits: np.ndarray, lr: float, momentum: float,
+                         weight_decay: float = 0.0) -> None:
+    """In place, at free positions only (bit set in ``free_bits``)::
+
+        g = grad + weight_decay * w;  buf = momentum * buf + g;  w = w - lr * buf
+
+    Every other byte of ``w`` and ``momentum_buf`` is left untouched.
+    """
+    lr, mom, wd = sgd_args(w, grad, momentum_buf, free_bits, lr, momentum, weight_decay)
+    mask = _unpack_flat(free_bits, w.size).reshape(w.shape)
+    with np.errstate(all="ignore"):  # frozen lanes may hold anything; their results are dropped
+        g = grad + wd * w
+        nb = mom * momentum_buf + g
+        nw = w - lr * nb
+    np.copyto(momentum_buf, nb, where=mask)
+    np.copyto(w, nw, where=mask)
+
+
+def masked_adam_(w: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                 free_bits: np.ndarray, lr: float, step: int, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """Adam (L2 weight decay, PyTorch's form) in place, at free positions only::
+
+        g = grad + weight_decay * w
+        m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g * g
+        w = w - step_size * (m / (sqrt(v) / sqrt_bc2 + eps))
+
+    with ``step_size = lr / (1 - beta1**step)`` and ``sqrt_bc2 = sqrt(1 - beta2**step)``
+    (``step`` counts from 1). Every other byte of ``w``, ``exp_avg``, ``exp_avg_sq`` is
+    left untouched.
+    """
+    ss, b1, b2, omb1, omb2, sbc2, eps, wd = adam_args(w, grad, exp_avg, exp_avg_sq, free_bits, lr,
+                                                       step, beta1, beta2, eps, weight_decay)
+    mask = _unpack_flat(free_bits, w.size).reshape(w.shape)
+    with np.errstate(all="ignore"):
+        g = grad + wd * w
+        nm = b1 * exp_avg + omb1 * g
+        nv = b2 * exp_avg_sq + omb2 * (g * g)
+        denom = np.sqrt(nv) / sbc2 + eps
+        nw = w - ss * (nm / denom)
+    np.copyto(exp_avg, nm, where=mask)
+    np.copyto(exp_avg_sq, nv, where=mask)
+    np.copyto(w, nw, where=mask)
+
+
+def score_step_(scores: np.ndarray, grad: np.ndarray, lr: float, momentum: float = 0.0,
+                momentum_buf: np.ndarray | None = None, weight_decay: float = 0.0) -> None:
+    """The supermask score update (Piggyback / SupSup, every score of the task learns;
+    the backbone is frozen so there is no mask): SGD in place on real-valued scores::
+
+        g = grad + weight_decay * s
+        buf = momentum * buf + g;  s = s - lr * buf      (with momentum_buf)
+        s = s - lr * g                                   (without)
+
+    The task's mask is then ``threshold_mask(scores, threshold)`` (Piggyback) or the
+    top-k of the scores (SupSup).
+    """
+    lr, mom, wd = score_args(scores, grad, lr, momentum, momentum_buf, weight_decay)
+    g = grad + wd * scores
+    if momentum_buf is not None:
+        np.copyto(momentum_buf, mom * momentum_buf + g)
+        np.copyto(scores, scores - lr * momentum_buf)
+    else:
+        np.copyto(scores, scores - lr * g)

@@ -1,0 +1,515 @@
+"""The C kernels (edgecl.kernels.native) against their numpy twins (edgecl.kernels.reference),
+and both against definitions written here from numpy.packbits / np.where.
+
+Bits, selects and integers compare byte for byte; the float optimizer steps compare
+byte for byte too (the C is built with -ffp-contract=off, no fast-math, so each float32
+operation rounds as numpy's does) and, as the contract, to 1e-6. The native module must
+be built (``pip install -e .``): without it the native tests fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+from edgecl import kernels
+from edgecl.kernels import reference as ref
+from edgecl.runtime import masks
+
+SIZES = [0, 1, 5, 7, 8, 9, 31, 32, 33, 63, 64, 65, 127, 511, 512, 513, 1000, 4097, 100_003]
+DENSITIES = [0.0, 1.0, 0.5, 0.03]
+CANARIES = np.array([0x7FC0DEAD, 0xDEADBEEF, 0xFFFFFFFF, 0x7F800001, 0x80000000], np.uint32)
+
+
+@pytest.fixture(scope="module")
+def nat():
+    """The native implementation; fails (never skips) when the module is not built."""
+    return kernels.implementation("native")
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _weights(rng, shape) -> np.ndarray:
+    """Random float32 with negatives, -0.0, infinities and NaN payloads sprinkled in."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    flat = w.reshape(-1)
+    if flat.size >= 8:
+        idx = rng.choice(flat.size, size=max(1, flat.size // 50), replace=False)
+        flat[idx] = np.resize(np.array([-0.0, np.inf, -np.inf, np.nan], np.float32), idx.size)
+        flat.view(np.uint32)[idx[::3]] = np.resize(CANARIES, idx[::3].size)
+    return w
+
+
+def _mask(rng, n, density) -> np.ndarray:
+    return rng.random(n) < density
+
+
+def _packed_with_garbage_pad(mask: np.ndarray, extra: int = 0) -> np.ndarray:
+    """Bundle-order bits with every pad bit of the last byte set (must be ignored), plus
+    ``extra`` trailing bytes of 0xFF."""
+    bits = np.packbits(mask.reshape(-1), bitorder="little")
+    if mask.size % 8:
+        bits[-1] |= np.uint8(0xFF << (mask.size % 8) & 0xFF)
+    return np.concatenate([bits, np.full(extra, 0xFF, np.uint8)])
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_native_module_is_built_and_active(nat):
+    assert kernels.available(), kernels.status()
+    assert kernels.status().startswith("native (cffi, "), kernels.status()
+    assert "_native" in kernels.status()
+    assert kernels.implementation() is nat
+    assert kernels.implementation("numpy") is ref
+
+
+# ---------------------------------------------------------------- materialize
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_materialize_bits_matches_twin_and_definition(nat, n, density):
+    rng = _rng("mat", n, density)
+    w = _weights(rng, n)
+    m = _mask(rng, n, density)
+    bits = _packed_with_garbage_pad(m, extra=3)
+    want = np.where(m, w, np.float32(0))  # the definition: select, +0.0 where dropped
+    got_ref = ref.materialize_bits(w, bits)
+    got = nat.materialize_bits(w, bits)
+    _same_bytes(got_ref, want)
+    _same_bytes(got, want)
+    assert not np.signbit(got[~m]).any()  # dropped entries are +0.0, even where w was negative
+
+
+def test_materialize_bits_shapes_out_buffer_and_readonly_input(nat):
+    rng = _rng("mat-shape")
+    w = _weights(rng, (3, 5, 7, 2))
+    w.setflags(write=False)  # the backbone is a read-only mmap on the device
+    m = _mask(rng, w.shape, 0.4)
+    bits = np.packbits(m.reshape(-1), bitorder="little")
+    out = np.full(w.shape, 7.0, np.float32)
+    assert nat.materialize_bits(w, bits, out=out) is out
+    _same_bytes(out, np.where(m, w, np.float32(0)))
+    _same_bytes(kernels.materialize_bits(w, bits, impl="numpy"), out)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (13,), (13, 9), (6, 3, 5, 5), (4, 0), (64, 33)])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_materialize_units_matches_twin(nat, shape, density):
+    rng = _rng("units", shape, density)
+    w = _weights(rng, shape)
+    gates = (rng.random(shape[0]) < density).astype(np.uint8)
+    keep = gates.astype(bool).reshape((-1,) + (1,) * (len(shape) - 1))
+    want = np.where(keep, w, np.float32(0))
+    _same_bytes(ref.materialize_units(w, gates), want)
+    _same_bytes(nat.materialize_units(w, gates), want)
+    _same_bytes(nat.materialize_units(w, gates.astype(bool)), want)
+    out = np.empty_like(w)
+    assert nat.materialize_units(w, gates, out=out) is out
+    _same_bytes(out, want)
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_unpack_bundle_bit_order(nat, n):
+    rng = _rng("pack", n)
+    m = _mask(rng, n, 0.5)
+    want = np.packbits(m, bitorder="little")
+    for impl in (ref, nat):
+        _same_bytes(impl.pack(m), want)
+        _same_bytes(impl.pack(m.astype(np.uint8) * rng.integers(1, 256, n).astype(np.uint8)), want)
+        _same_bytes(impl.unpack(_packed_with_garbage_pad(m, extra=2), n), m)
+    if n % 8:
+        assert nat.pack(m)[-1] >> (n % 8) == 0  # pad bits written as 0
+
+
+def test_pack_unpack_shapes_and_known_bytes(nat):
+    m = np.zeros((2, 3, 5), bool)
+    m[0, 0, 0] = m[0, 0, 3] = m[1, 2, 4] = True  # flat bits 0, 3, 29
+    for impl in (ref, nat):
+        _same_bytes(impl.pack(m), np.array([0b00001001, 0, 0, 0b00100000], np.uint8))
+        _same_bytes(impl.unpack(impl.pack(m), m.shape), m)
+        out = np.ones(m.shape, bool)
+        assert impl.unpack(impl.pack(m), m.shape, out=out) is out
+        _same_bytes(out, m)
+
+
+# ---------------------------------------------------------------- nested masks
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_owner_and_free_masks(nat, n):
+    rng = _rng("owner", n)
+    owner = rng.integers(-1, 6, n).astype(np.int16)  # -1 is no task: neither owned nor free
+    for t in (0, 1, 3, 5, 7):
+        want = np.packbits((owner > 0) & (owner <= t), bitorder="little")
+        _same_bytes(ref.owner_mask(owner, t), want)
+        _same_bytes(nat.owner_mask(owner, t), want)
+    want = np.packbits(owner == 0, bitorder="little")
+    _same_bytes(ref.free_mask(owner), want)
+    _same_bytes(nat.free_mask(owner), want)
+
+
+def test_nested_masks_are_nested(nat):
+    owner = _rng("nest").integers(0, 9, (40, 17)).astype(np.int16)
+    free = nat.free_mask(owner)
+    prev = np.zeros_like(free)
+    for t in range(1, 9):
+        cur = nat.owner_mask(owner, t)
+        assert nat.popcount(nat.andnot(prev, cur, owner.size), owner.size) == 0  # prev ⊆ cur
+        assert nat.overlap(cur, free, owner.size) == 0
+        prev = cur
+    assert nat.popcount(prev, owner.size) + nat.popcount(free, owner.size) == owner.size
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 513, 10_007])
+def test_threshold_mask(nat, n):
+    s = _weights(_rng("thr", n), n)
+    for thr in (0.0, 0.5, -1.0):
+        want = np.packbits(s > np.float32(thr), bitorder="little")
+        _same_bytes(ref.threshold_mask(s, thr), want)
+        _same_bytes(nat.threshold_mask(s, thr), want)
+
+
+# ---------------------------------------------------------------- mask algebra
+
+
+def _definitions(a_bool, b_bool):
+    pk = lambda x: np.packbits(x, bitorder="little")  # noqa: E731
+    return {
+        "popcount": int(a_bool.sum()),
+        "overlap": int((a_bool & b_bool).sum()),
+        "hamming": int((a_bool ^ b_bool).sum()),
+        "and_": pk(a_bool & b_bool),
+        "or_": pk(a_bool | b_bool),
+        "andnot": pk(a_bool & ~b_bool),
+    }
+
+
+def _check_algebra(impl, a_bool, b_bool, extra=0):
+    n = a_bool.size
+    a = _packed_with_garbage_pad(a_bool, extra)
+    b = _packed_with_garbage_pad(b_bool, extra)
+    want = _definitions(a_bool, b_bool)
+    assert impl.popcount(a, n) == want["popcount"]
+    assert impl.overlap(a, b, n) == want["overlap"]
+    assert impl.hamming(a, b, n) == want["hamming"]
+    for op in ("and_", "or_", "andnot"):
+        _same_bytes(getattr(impl, op)(a, b, n), want[op])  # pad bits come out 0
+        out = np.full(want[op].size, 0xAA, np.uint8)
+        assert getattr(impl, op)(a, b, n, out=out) is out
+        _same_bytes(out, want[op])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_mask_algebra(nat, n, density):
+    rng = _rng("alg", n, density)
+    a_bool, b_bool = _mask(rng, n, density), _mask(rng, n, 0.5)
+    for impl in (ref, nat):
+        _check_algebra(impl, a_bool, b_bool, extra=5)
+
+
+def test_mask_algebra_default_n_is_every_bit(nat):
+    a = np.array([0xFF, 0x0F, 0x80], np.uint8)
+    b = np.array([0xF0, 0xFF, 0x01], np.uint8)
+    for impl in (ref, nat):
+        assert impl.popcount(a) == 13
+        assert impl.overlap(a, b) == 8
+        assert impl.hamming(a, b) == 10
+        assert masks.density(a, 24) == pytest.approx(13 / 24)
+
+
+# ---------------------------------------------------------------- masked optimizer steps
+
+
+def _opt_case(rng, n, density, shape=None):
+    shape = shape or (n,)
+    free = _mask(rng, n, density)
+    free_bits = _packed_with_garbage_pad(free, extra=1)
+    w = rng.standard_normal(shape).astype(np.float32)
+    grad = rng.standard_normal(shape).astype(np.float32)
+    states = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    states[1] = np.abs(states[1])  # Adam's second moment
+    frozen = ~free.reshape(shape)
+    for a in (w, *states):  # canaries at frozen positions: NaN payloads, 0xDEADBEEF, ...
+        a.view(np.uint32)[frozen] = np.resize(CANARIES, int(frozen.sum()))
+    return free.reshape(shape), free_bits, w, grad, states
+
+
+def _run_step(kind, impl, w, grad, states, free_bits, steps=3):
+    for step in range(1, steps + 1):
+        if kind == "sgd":
+            impl.masked_sgd_momentum_(w, grad, states[0], free_bits, lr=0.05, momentum=0.9,
+                                      weight_decay=1e-3)
+        else:
+            impl.masked_adam_(w, grad, states[0], states[1], free_bits, lr=1e-2, step=step,
+                              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 63, 65, 511, 513, 1537, 100_003])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_masked_steps_match_twin_and_leave_frozen_bytes(nat, kind, n, density):
+    rng = _rng("opt", kind, n, density)
+    free, free_bits, w, grad, states = _opt_case(rng, n, density)
+    nstate = 1 if kind == "sgd" else 2
+    before = [a.copy() for a in (w, *states[:nstate])]
+    grad0, bits0 = grad.copy(), free_bits.copy()
+    results = {}
+    for impl in (ref, nat):
+        ws, ss = w.copy(), [s.copy() for s in states]
+        _run_step(kind, impl, ws, grad, ss, free_bits)
+        results[impl.NAME] = [ws, *ss[:nstate]]
+    for got_n, got_r, orig in zip(results["native"], results["numpy"], before, strict=True):
+        # frozen positions: every byte exactly as before (the canaries survive)
+        _same_bytes(got_n.view(np.uint32)[~free], orig.view(np.uint32)[~free])
+        _same_bytes(got_r.view(np.uint32)[~free], orig.view(np.uint32)[~free])
+        # free positions: the twin's values, to 1e-6 and in fact to the byte
+        np.testing.assert_allclose(got_n[free], got_r[free], rtol=1e-6, atol=1e-7)
+        _same_bytes(got_n, got_r)
+        if free.any():
+            assert not np.array_equal(got_n[free], orig[free])  # it did learn
+    _same_bytes(grad, grad0)  # inputs untouched
+    _same_bytes(free_bits, bits0)
+
+
+def test_masked_sgd_semantics_first_step():
+    """buf = momentum*0 + (g + wd*w); w -= lr*buf -- checked in float64 by hand."""
+    rng = _rng("sgd-sem")
+    free, free_bits, w, grad, (buf, _) = _opt_case(rng, 1000, 0.5)
+    buf[free] = 0.0
+    w0 = np.zeros(w.shape)
+    w0[free] = w[free]
+    for impl in (ref, kernels.implementation("native")):
+        ws, bs = w.copy(), buf.copy()
+        impl.masked_sgd_momentum_(ws, grad, bs, free_bits, lr=0.1, momentum=0.9, weight_decay=0.01)
+        g = grad[free] + 0.01 * w0[free]
+        np.testing.assert_allclose(bs[free], g, rtol=1e-6)
+        np.testing.assert_allclose(ws[free], w0[free] - 0.1 * g, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_adam_semantics_first_step():
+    """First Adam step moves each free weight by about lr * sign(g)."""
+    rng = _rng("adam-sem")
+    free, free_bits, w, grad, (m, v) = _opt_case(rng, 1000, 0.5)
+    m[free], v[free] = 0.0, 0.0
+    for impl in (ref, kernels.implementation("native")):
+        ws = w.copy()
+        impl.masked_adam_(ws, grad, m.copy(), v.copy(), free_bits, lr=1e-3, step=1)
+        np.testing.assert_allclose(ws[free] - w[free], -1e-3 * np.sign(grad[free]), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 4099])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_score_step(nat, n, momentum):
+    rng = _rng("score", n, momentum)
+    s, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    buf = rng.standard_normal(n).astype(np.float32)
+    out = {}
+    for impl in (ref, nat):
+        ss, bb = s.copy(), buf.copy()
+        impl.score_step_(ss, g, lr=0.1, momentum=momentum, momentum_buf=bb, weight_decay=1e-4)
+        s2 = s.copy()
+        impl.score_step_(s2, g, lr=0.1, weight_decay=1e-4)
+        out[impl.NAME] = (ss, bb, s2)
+    for a, b in zip(out["native"], out["numpy"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        _same_bytes(a, b)
+    want = (s - 0.1 * (g + np.float32(1e-4) * s)).astype(np.float32)
+    np.testing.assert_allclose(out["native"][2], want, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- a huge case
+
+
+def test_huge_masks(nat):
+    """~50M bits (odd), and a 6M-weight layer: one pass each, native == numpy."""
+    rng = np.random.default_rng(7)
+    n = 50_000_003
+    a = rng.integers(0, 256, (n + 7) // 8, dtype=np.uint8)
+    b = rng.integers(0, 256, (n + 7) // 8, dtype=np.uint8)
+    for f in ("popcount",):
+        assert getattr(nat, f)(a, n) == getattr(ref, f)(a, n)
+    assert nat.overlap(a, b, n) == ref.overlap(a, b, n)
+    assert nat.hamming(a, b, n) == ref.hamming(a, b, n)
+    for op in ("and_", "or_", "andnot"):
+        _same_bytes(getattr(nat, op)(a, b, n), getattr(ref, op)(a, b, n))
+    u = nat.unpack(a, n)
+    _same_bytes(u, ref.unpack(a, n))
+    _same_bytes(nat.pack(u), ref.pack(u))
+    assert nat.popcount(a, n) == int(np.count_nonzero(u))
+
+    m = 6_000_001
+    w = rng.standard_normal(m, dtype=np.float32)
+    bits = a[: (m + 7) // 8]
+    _same_bytes(nat.materialize_bits(w, bits), ref.materialize_bits(w, bits))
+    grad = rng.standard_normal(m, dtype=np.float32)
+    w2, buf2 = w.copy(), np.zeros(m, np.float32)
+    nat.masked_sgd_momentum_(w, grad, np.zeros(m, np.float32), bits, 0.1, 0.9)
+    ref.masked_sgd_momentum_(w2, grad, buf2, bits, 0.1, 0.9)
+    _same_bytes(w, w2)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize("impl_name", ["native", "numpy"])
+def test_bad_inputs_raise_value_errors_naming_the_argument(impl_name):
+    impl = kernels.implementation(impl_name)
+    w = np.ones((4, 6), np.float32)
+    bits = np.zeros(3, np.uint8)
+    cases = [
+        (lambda: impl.materialize_bits(w.astype(np.float64), bits), "w must have dtype float32"),
+        (lambda: impl.materialize_bits(w.T, bits), "w must be C-contiguous"),
+        (lambda: impl.materialize_bits(w, bits[:2]), "bits holds 16 bits"),
+        (lambda: impl.materialize_bits(w, bits.astype(np.int8)), "bits must have dtype uint8"),
+        (lambda: impl.materialize_bits(w, bits, out=np.empty(23, np.float32)), "out has shape"),
+        (lambda: impl.materialize_bits(w, bits, out=w), "w and out must not share memory"),
+        (lambda: impl.materialize_bits([1.0], bits), "w must be a numpy array"),
+        (lambda: impl.materialize_units(w, np.ones(5, np.uint8)), "gates has shape"),
+        (lambda: impl.unpack(bits, (5, 5)), "bits holds 24 bits"),
+        (lambda: impl.unpack(bits, -1), "shape must be >= 0"),
+        (lambda: impl.owner_mask(np.zeros(4, np.int32), 1), "owner must have dtype int16"),
+        (lambda: impl.popcount(bits, 25), "bits holds 24 bits"),
+        (lambda: impl.hamming(bits, bits[:1], 24), "b holds 8 bits"),
+        (lambda: impl.and_(bits, bits, 24, out=np.empty(2, np.uint8)), "out has shape"),
+        (lambda: impl.masked_sgd_momentum_(w, w.copy()[:2], w.copy(), bits, 0.1, 0.9),
+         "grad has shape"),
+        (lambda: impl.masked_sgd_momentum_(w, w.copy(), w, bits, 0.1, 0.9),
+         "w and momentum_buf must not share memory"),
+        (lambda: impl.masked_sgd_momentum_(w, w.copy(), w.copy(), bits[:1], 0.1, 0.9),
+         "free_bits holds 8 bits"),
+        (lambda: impl.masked_adam_(w, w.copy(), w.copy(), w.copy(), bits, 0.1, step=0), "step must be"),
+        (lambda: impl.masked_adam_(w, w.copy(), w.copy(), w.copy().astype(np.float16), bits, 0.1, 1),
+         "exp_avg_sq must have dtype float32"),
+        (lambda: impl.score_step_(w, w.copy(), 0.1, momentum=0.9), "momentum_buf is required"),
+    ]
+    ro = w.copy()
+    ro.setflags(write=False)
+    cases.append((lambda: impl.masked_sgd_momentum_(ro, w.copy(), w.copy(), bits, 0.1, 0.9),
+                  "w must be writable"))
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+def test_impl_argument():
+    with pytest.raises(ValueError, match="impl must be"):
+        kernels.popcount(np.zeros(1, np.uint8), impl="cuda")
+
+
+# ---------------------------------------------------------------- runtime/masks.py
+
+
+def _old_materialize_bits(weight, bits):  # runtime/masks.py before the kernels
+    n = int(np.prod(weight.shape, dtype=np.int64))
+    mask = np.unpackbits(np.asarray(bits, np.uint8), count=n, bitorder="little").view(bool)
+    return np.where(mask.reshape(weight.shape), weight, np.zeros((), weight.dtype))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (10,), (33, 17), (8, 3, 3, 3), (500, 784)])
+def test_runtime_masks_byte_identical_to_reference(nat, shape):
+    rng = _rng("masks", shape)
+    w = _weights(rng, shape)
+    m = _mask(rng, shape, 0.5)
+    bits = masks.pack_bits(m)
+    _same_bytes(bits, np.packbits(m.reshape(-1), bitorder="little"))
+    _same_bytes(masks.unpack_bits(bits, shape), m)
+    _same_bytes(masks.materialize_bits(w, bits), _old_materialize_bits(w, bits))
+    _same_bytes(masks.materialize_bits(w, bits), ref.materialize_bits(w, bits))
+    for dtype in (np.float64, np.float16):  # other dtypes keep the numpy path
+        with np.errstate(all="ignore"):
+            wd = w.astype(dtype)
+        _same_bytes(masks.materialize_bits(wd, bits), _old_materialize_bits(wd, bits))
+    if len(shape) > 1:  # a non-contiguous weight
+        bits_t = masks.pack_bits(m.T)
+        _same_bytes(masks.materialize_bits(w.T, bits_t), _old_materialize_bits(w.T, bits_t))
+    gates = (rng.random(shape[0]) < 0.5).astype(np.uint8)
+    keep = gates.astype(bool).reshape((-1,) + (1,) * (len(shape) - 1))
+    _same_bytes(masks.materialize_units(w, gates), np.where(keep, w, np.float32(0)))
+    assert masks.density(bits, m.size) == (float(m.sum()) / m.size if m.size else 0.0)
+
+
+# ---------------------------------------------------------------- the fallback
+
+_FALLBACK_SCRIPT = textwrap.dedent("""
+    import sys, warnings
+    import numpy as np
+    {prelude}
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        from edgecl import kernels
+        from edgecl.runtime import masks
+        w = np.arange(20, dtype=np.float32) - 10
+        m = np.arange(20) % 3 == 0
+        bits = masks.pack_bits(m)
+        a = masks.materialize_bits(w, bits)
+        b = kernels.materialize_bits(w, bits)
+        kernels.popcount(bits, 20)
+    assert a.tobytes() == np.where(m, w, np.float32(0)).tobytes()
+    assert a.tobytes() == b.tobytes()
+    msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "numpy fallback" in msgs[0], msgs
+    assert not kernels.available()
+    assert "torch" not in sys.modules
+    print(kernels.status())
+""")
+
+
+def _run(script: str, env_extra: dict) -> str:
+    env = {**os.environ, **env_extra}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_fallback_forced_by_env_warns_once():
+    out = _run(_FALLBACK_SCRIPT.format(prelude=""), {"EDGECL_KERNELS": "numpy"})
+    assert out == "numpy fallback: EDGECL_KERNELS=numpy"
+
+
+def test_fallback_when_module_cannot_load_warns_once():
+    prelude = textwrap.dedent("""
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "edgecl.kernels._native":
+                    raise ImportError("blocked by the test")
+        sys.meta_path.insert(0, _Block())
+    """)
+    out = _run(_FALLBACK_SCRIPT.format(prelude=prelude), {"EDGECL_KERNELS": "auto"})
+    assert out.startswith("numpy fallback: the compiled module could not be loaded"), out
+    assert "blocked by the test" in out
+
+
+def test_fallback_in_process_warns_once(monkeypatch):
+    monkeypatch.setenv("EDGECL_KERNELS", "numpy")
+    monkeypatch.setattr(kernels, "_warned", False)
+    assert not kernels.available()
+    assert kernels.status() == "numpy fallback: EDGECL_KERNELS=numpy"
+    w, bits = np.ones(9, np.float32), np.array([0xFF, 0x01], np.uint8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert kernels.implementation() is ref
+        kernels.materialize_bits(w, bits)
+        kernels.materialize_bits(w, bits)
+    assert [str(r.message) for r in rec] == ["edgecl.kernels: using the numpy fallback, EDGECL_KERNELS=numpy"]
+    monkeypatch.setenv("EDGECL_KERNELS", "native")
+    assert kernels.implementation() is kernels.implementation("native")
+    monkeypatch.setenv("EDGECL_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="EDGECL_KERNELS"):
+        kernels.available()
