@@ -1,0 +1,22 @@
+"""The reference backend: the numpy executor of ``edgecl.runtime.session``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import executor
+from . import Backend
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def _activate(self, info: dict) -> None:
+        self._active = self.materialized(info)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        a = self._active
+        return executor.forward(self.bundle.model["layers"], a.params, a.head, x)
+
+
+BACKEND = NumpyBackend
