@@ -61,11 +61,15 @@ def task_storage(tensors: dict[str, np.ndarray], n_weights: int, file_bytes: int
             "bits_per_weight": 8.0 * file_bytes / n_weights}
 
 
-def commit(root: str | Path, *, model: dict, backbone: dict[str, np.ndarray],
-           tasks: list[tuple[dict, dict[str, np.ndarray]]], stream: dict | None = None) -> int:
+def commit(root: str | Path, *, model: dict, backbone: dict[str, np.ndarray] | None,
+           tasks: list[tuple[dict, dict[str, np.ndarray]]], stream: dict | None = None,
+           routers: dict[str, tuple[dict[str, np.ndarray], dict[str, str]]] | None = None,
+           default_router: str | None = None) -> int:
     """Add ``tasks`` (entry, tensors) to the bundle at ``root`` as one new version.
 
-    ``model`` must equal the bundle's (if it exists). Returns the new version number.
+    ``model`` must equal the bundle's (if it exists); ``backbone`` None keeps the
+    bundle's. ``routers`` (name -> (arrays, metadata)) replace those of the same name.
+    Returns the new version number.
     """
     root = Path(root)
     with bundle_lock(root):
@@ -77,13 +81,16 @@ def commit(root: str | Path, *, model: dict, backbone: dict[str, np.ndarray],
                         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         if stream is not None:
             manifest["stream"] = stream
-        data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(backbone.items())},
-                       metadata={"edgecl": "backbone"})
-        rel = f"backbone-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
-        if previous is not None and previous["backbone"] != rel:
-            manifest["files"].pop(previous["backbone"], None)
-        _write_file(root, manifest, rel, data)
-        manifest["backbone"] = rel
+        if backbone is None and previous is None:
+            raise BundleError(root / MANIFEST, "a new bundle needs a backbone")
+        if backbone is not None:
+            data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(backbone.items())},
+                           metadata={"edgecl": "backbone"})
+            rel = f"backbone-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+            if previous is not None and previous["backbone"] != rel:
+                manifest["files"].pop(previous["backbone"], None)
+            _write_file(root, manifest, rel, data)
+            manifest["backbone"] = rel
         names = {t["name"] for t in manifest["tasks"]}
         for entry, tensors in tasks:
             if entry["name"] in names:
@@ -98,6 +105,17 @@ def commit(root: str | Path, *, model: dict, backbone: dict[str, np.ndarray],
             entry = dict(entry, index=index, file=rel,
                          storage=task_storage(tensors, model["n_weights"], len(data)))
             manifest["tasks"].append(entry)
+        for name, (arrays, meta) in sorted((routers or {}).items()):
+            data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},
+                           metadata=meta)
+            rel = f"routers/{_SAFE.sub('_', name)}-{hashlib.sha256(data).hexdigest()[:8]}.safetensors"
+            old = manifest.setdefault("routers", {}).get(name)
+            if old is not None:
+                manifest["files"].pop(old["file"], None)
+            _write_file(root, manifest, rel, data)
+            manifest["routers"][name] = {"file": rel, "tasks": meta["tasks"].split("\n")}
+        if default_router is not None:
+            manifest["default_router"] = default_router
         raw = serialize_manifest(manifest)
         atomic_write_bytes(root / VERSIONS_DIR / f"{manifest['version']:06d}.json", raw)
         atomic_write_bytes(root / MANIFEST, raw)

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.models import architectures
+from edgecl.models.data import load_stream
 from edgecl.models.training import Run, load_run
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import MANIFEST
 from edgecl.runtime.errors import BundleError
+from edgecl.runtime.routers.store import update_routers
 
 from .bundle_writer import commit
 
@@ -32,11 +34,12 @@ def task_entry(run: Run, t: int) -> dict:
                         "init_acc": m.init_acc[t]}}
 
 
-def bundle_run(run_dir: str | Path, out: str | Path) -> list[int]:
+def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True) -> list[int]:
     """Write (or extend) the bundle ``out`` with the tasks of the run in ``run_dir``.
 
     An existing bundle must hold a prefix of the run's tasks, byte for byte; the run's
-    remaining tasks are committed one version each. Returns the versions written.
+    remaining tasks are committed one version each; then the task-ID routers are
+    updated with the new tasks' training data (one more version). Returns the versions.
     """
     run = load_run(run_dir)
     out = Path(out)
@@ -63,4 +66,15 @@ def bundle_run(run_dir: str | Path, out: str | Path) -> list[int]:
         versions.append(commit(out, model=model, backbone=backbone,
                                tasks=[(task_entry(run, t), run.method.export_task(t))],
                                stream=run.config["stream"]))
+    if versions and routers:
+        versions.append(fit_routers(run, out))
     return versions
+
+
+def fit_routers(run: Run, out: Path) -> int:
+    """Update the bundle's task-ID routers with the run's training data (one version)."""
+    spec = run.config["stream"]
+    stream = load_stream(spec["data"], seed=spec["seed"], n_tasks=spec.get("n_tasks"))
+    data = [(t.name, t.x_train, t.y_train) for t in stream.tasks[: len(run.tasks)]]
+    update_routers(out, data)
+    return Bundle.open(out, verify=False).version

@@ -25,11 +25,14 @@ def test_layout_and_manifest(trained):
     b = Bundle.open(bundle)
     m = b.manifest
     assert m["format"] == "edgecl-bundle" and m["format_version"] == 1
-    assert b.versions() == [1, 2, 3, 4, 5] and b.version == 5
+    # one version per task, then one that brings the task-ID routers up to date
+    assert b.versions() == [1, 2, 3, 4, 5, 6] and b.version == 6
     assert m["backbone"].startswith("backbone-") and m["backbone"].endswith(".safetensors")
     assert [t["mask_kind"] for t in b.tasks] == ["weight_bits"] * 5
     listed = set(m["files"])
-    assert listed == {m["backbone"], *(t["file"] for t in b.tasks)}
+    routers = {r["file"] for r in m["routers"].values()}
+    assert listed == {m["backbone"], *(t["file"] for t in b.tasks), *routers}
+    assert set(m["routers"]) == {"prototype", "entropy", "gradient"}
     for layer in m["model"]["layers"]:
         assert layer["op"] in {"linear", "conv2d", "relu", "maxpool2d", "flatten"}
     # the backbone is a memory map, not a copy

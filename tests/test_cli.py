@@ -77,7 +77,7 @@ def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
     assert main(["train", "--data", "split-digits", "--method", "packnet", "--out", str(run),
                  "--tasks", "2"]) == 0
     assert main(["bundle", str(run), "--out", str(bundle)]) == 0
-    assert "wrote version(s) 1, 2" in capsys.readouterr().out
+    assert "wrote version(s) 1, 2, 3" in capsys.readouterr().out
     assert main(["eval", str(bundle), "--data", "split-digits", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("acc_matrix", "acc", "bwt", "fwt", "bits_per_weight_per_task", "per_task"):
@@ -102,7 +102,7 @@ def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
     assert main(["train", "--data", "split-digits", "--method", "packnet", "--out", str(run),
                  "--tasks", "3"]) == 0
     assert main(["bundle", str(run), "--out", str(bundle)]) == 0
-    assert "wrote version(s) 3" in capsys.readouterr().out
+    assert "wrote version(s) 4, 5" in capsys.readouterr().out
     assert "holds a run of" in _err(["train", "--data", "split-digits", "--method", "hat",
                                      "--out", str(run)], capsys)
 

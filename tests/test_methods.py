@@ -65,7 +65,7 @@ def test_learning_a_task_leaves_old_outputs_byte_identical(tmp_path, method, arc
     run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
     run = train("split-digits", method, run_dir, n_tasks=k, arch=arch, log=_quiet)
     before_torch = _logit_bytes(run.method, stream, k)
-    assert bundle_run(run_dir, bundle) == [1, 2, 3]
+    assert bundle_run(run_dir, bundle) == [1, 2, 3, 4]  # 4: routers
     rt = Runtime(bundle)
     shape = rt.input_shape
     before_rt = [rt.logits(t.x_test.reshape(-1, *shape), t.name).tobytes() for t in stream.tasks[:k]]
@@ -74,13 +74,13 @@ def test_learning_a_task_leaves_old_outputs_byte_identical(tmp_path, method, arc
     run = train("split-digits", method, run_dir, n_tasks=k + 1, arch=arch, log=_quiet)
     assert len(run.tasks) == k + 1
     assert _logit_bytes(run.method, stream, k) == before_torch
-    assert bundle_run(run_dir, bundle) == [4]
+    assert bundle_run(run_dir, bundle) == [5, 6]
     rt2 = Runtime(bundle)
-    assert rt2.bundle.version == 4 and len(rt2.tasks) == k + 1
+    assert rt2.bundle.version == 6 and len(rt2.tasks) == k + 1
     after_rt = [rt2.logits(t.x_test.reshape(-1, *shape), t.name).tobytes() for t in stream.tasks[:k]]
     assert after_rt == before_rt
     # the previous version is still there and still gives the same bytes
-    rt_old = Runtime(bundle, version=3)
+    rt_old = Runtime(bundle, version=4)
     assert [rt_old.logits(t.x_test.reshape(-1, *shape), t.name).tobytes()
             for t in stream.tasks[:k]] == before_rt
     if method in ("supsup", "piggyback"):  # a frozen backbone is never written again

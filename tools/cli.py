@@ -62,22 +62,39 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_data(spec: dict | None, data: str, seed: int | None) -> list:
+def _eval_stream(spec: dict | None, data: str, seed: int | None):
     from edgecl.models.data import load_stream
 
     if seed is None:
         seed = int((spec or {}).get("seed", 0)) if (spec or {}).get("data") == data else 0
     n = (spec or {}).get("n_tasks") if data == "permuted-digits" else None
-    stream = load_stream(data, seed=seed, n_tasks=n)
-    return [(t.name, t.x_test, t.y_test) for t in stream.tasks]
+    return load_stream(data, seed=seed, n_tasks=n)
+
+
+def _print_routing(r: dict) -> None:
+    rows = []
+    for name, v in r["routers"].items():
+        fb = v["fallback"]
+        unk = " ".join(f"{k}={p:.2f}" for k, p in fb["unknown_rate"].items())
+        rows.append([name + (" *" if name == r.get("default_router") else ""),
+                     f"{v['task_id_acc']:.4f}", f"{v['class_il_acc']:.4f}",
+                     f"{fb['known_rejected_rate']:.3f}", unk or "-", f"{fb['decision_acc']:.4f}",
+                     "-" if "router_overhead" not in v else f"{100 * v['router_overhead']:.0f}%"])
+    print(tables.render(["router (* default)", "task-ID acc", "class-IL acc", "known → unknown",
+                         "unknown → unknown", "decision acc", "time / inference (b=1)"], rows))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from edgecl.runtime.bundle import Bundle
     from edgecl.runtime.evaluate import evaluate
+    from edgecl.runtime.evaluate_routing import evaluate_routing
 
-    spec = Bundle.open(args.bundle).manifest.get("stream")
-    result = evaluate(args.bundle, _eval_data(spec, args.data, args.seed))
+    bundle = Bundle.open(args.bundle)
+    stream = _eval_stream(bundle.manifest.get("stream"), args.data, args.seed)
+    data = [(t.name, t.x_test, t.y_test) for t in stream.tasks]
+    result = evaluate(args.bundle, data)
     print(tables.acc_matrix(result["tasks"], result["acc_matrix"]))
     fwt = "-" if result["fwt"] is None else f"{result['fwt']:+.4f}"
     bwt = "-" if result["bwt"] is None else f"{result['bwt']:+.4f}"
@@ -86,6 +103,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ["task", "method", "acc", "mask bits/weight", "bits/weight (with head)", "bytes"],
         [[p["name"], p["method"], f"{p['acc']:.3f}", f"{p['mask_bits_per_weight']:.4f}",
           f"{p['bits_per_weight']:.4f}", p["bytes"]] for p in result["per_task"]]))
+    if bundle.manifest.get("routers"):
+        noise = np.random.default_rng(0).random((500, *stream.input_shape), dtype=np.float32)
+        unknown = [("noise", noise)] + [(f"held-out {t.name}", t.x_test) for t in stream.tasks
+                                        if t.name not in bundle.task_names]
+        routing = evaluate_routing(args.bundle, data, unknown, threshold=args.threshold)
+        result.update(routing)
+        print("\nTask-ID routing (no task given):")
+        _print_routing(routing)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
@@ -107,6 +132,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if x.ndim >= 1 and x.shape[1:] != rt.input_shape and x.shape != rt.input_shape \
             and x.ndim >= 2 and int(np.prod(x.shape[1:])) == int(np.prod(rt.input_shape)):
         x = x.reshape(len(x), *rt.input_shape)  # e.g. 8x8 images for a 64-input MLP
+    if args.task is None:
+        return _infer_routed(rt, x, args)
     logits = rt.logits(x, args.task)
     info = rt.bundle.task(args.task)
     labels = np.asarray(info["classes"])[logits.argmax(axis=1)]
@@ -116,6 +143,39 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         print(f"task {info['name']}: {len(labels)} prediction(s)")
         print(" ".join(map(str, labels.tolist())))
+    return 0
+
+
+def _infer_routed(rt, x, args: argparse.Namespace) -> int:
+    """No task given: the router picks one per input, or says unknown."""
+    import numpy as np
+
+    from edgecl.runtime.routers import UNKNOWN
+    from edgecl.runtime.routers.store import load_router
+
+    router = load_router(rt.bundle, args.router)
+    fallback = None if args.fallback is None else rt.bundle.task(args.fallback)["index"]
+    x = rt.check_input(x)
+    d = router.decide(rt, x, args.threshold, fallback)
+    rows = []
+    for t in np.unique(d.task):
+        sel = np.flatnonzero(d.task == t)
+        if t == UNKNOWN:
+            rows += [(int(i), None, None) for i in sel]
+            continue
+        info = rt.bundle.tasks[int(t)]
+        pred = np.asarray(info["classes"])[rt.logits(x[sel], int(t)).argmax(axis=1)]
+        rows += [(int(i), info["name"], int(p)) for i, p in zip(sel, pred, strict=True)]
+    rows.sort()
+    out = [{"task": name or "unknown", "confidence": float(d.confidence[i]),
+            "prediction": pred} for i, name, pred in rows]
+    if args.json:
+        print(json.dumps({"router": router.name, "threshold": args.threshold, "inputs": out}))
+    else:
+        print(f"router {router.name} (threshold {args.threshold}): {len(out)} input(s)")
+        for i, o in enumerate(out):
+            print(f"{i}: task {o['task']}  confidence {o['confidence']:.3f}  "
+                  f"prediction {'-' if o['prediction'] is None else o['prediction']}")
     return 0
 
 
@@ -178,11 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="split-digits, permuted-digits or PATH.npz")
     e.add_argument("--seed", type=int, help="split seed (default: the one the bundle was trained on)")
     e.add_argument("--json", help="write the results here")
+    e.add_argument("--threshold", type=float, default=0.5,
+                   help="routers: confidence below which an input is unknown (default 0.5)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("infer", help="predict with one task of a bundle")
     i.add_argument("bundle")
-    i.add_argument("--task", required=True, help="task name or index")
+    i.add_argument("--task", help="task name or index (default: the router picks one per input)")
+    i.add_argument("--router", help="router to use without --task (default: the bundle's)")
+    i.add_argument("--threshold", type=float, default=0.5,
+                   help="confidence below which an input is reported unknown (default 0.5)")
+    i.add_argument("--fallback", help="task to use for unknown inputs instead of 'unknown'")
     i.add_argument("--input", required=True, help=".npy array: a batch of inputs")
     i.add_argument("--json", action="store_true", help="print predictions and logits as JSON")
     i.set_defaults(func=cmd_infer)

@@ -1,0 +1,99 @@
+"""The Gaussian (Mahalanobis) router: class prototypes with a shared covariance.
+
+Per class of every task it keeps a few prototypes (k-means centres of the class's
+inputs, seeded) with their counts; all prototypes share one pooled covariance, kept as a
+running sum of within-prototype scatter. Adding a task adds its prototypes and scatter —
+no old input is needed. A task's score is the log-likelihood of its nearest prototype,
+-d²/2 with d the Mahalanobis distance (a ridge on the covariance keeps constant pixels
+from making it singular). Scoring is one matrix product: x @ [P | P μᵀ].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Router
+
+
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25):
+    centres = x[rng.choice(len(x), k, replace=False)]
+    for _ in range(iters):
+        assign = ((x[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        new = np.stack([x[assign == j].mean(axis=0) if (assign == j).any() else centres[j]
+                        for j in range(k)])
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    return centres, assign
+
+
+class PrototypeRouter(Router):
+    name = "prototype"
+    ridge = 0.1
+    per_class = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = np.zeros((0, 0))
+        self.counts = np.zeros(0)
+        self.owner = np.zeros(0, dtype=np.int64)  # task index of each prototype
+        self.scatter = np.zeros((0, 0))
+        self._fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @staticmethod
+    def _flat(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+    def _add(self, runtime, task, x, y):
+        x = self._flat(x)
+        d = x.shape[1]
+        if self.scatter.size == 0:
+            self.scatter, self.means = np.zeros((d, d)), np.zeros((0, d))
+        if y is None:  # unlabelled: the task's own predictions give the classes
+            y = runtime.logits(x.reshape(len(x), *runtime.input_shape).astype(np.float32),
+                               task).argmax(axis=1)
+        t = len(self.tasks)
+        for c in np.unique(y):
+            xc = x[y == c]
+            rng = np.random.default_rng([t, int(c)])
+            centres, assign = _kmeans(xc, min(self.per_class, len(xc)), rng)
+            for j, mu in enumerate(centres):
+                xj = xc[assign == j]
+                if len(xj) == 0:
+                    continue
+                self.means = np.vstack([self.means, mu])
+                self.counts = np.append(self.counts, len(xj))
+                self.owner = np.append(self.owner, t)
+                self.scatter += (xj - mu).T @ (xj - mu)
+        self._fused = None
+
+    def _prepare(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._fused is None:
+            n = max(1.0, self.counts.sum() - len(self.counts))
+            cov = self.scatter / n
+            cov += self.ridge * (np.trace(cov) / len(cov)) * np.eye(len(cov))
+            p = np.linalg.inv(cov)
+            fused = np.hstack([p, p @ self.means.T])  # x @ fused = [xP | xPμᵀ]
+            const = -0.5 * ((self.means @ p) * self.means).sum(axis=1)
+            starts = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
+            # float32 at inference: half the bytes, and the inputs are float32 already
+            self._fused = (fused.astype(np.float32), const.astype(np.float32), starts)
+        return self._fused
+
+    def scores(self, runtime, x):
+        x = np.asarray(x).reshape(len(x), -1)
+        fused, const, starts = self._prepare()
+        d = x.shape[1]
+        r = x @ fused
+        quad = (r[:, :d] * x).sum(axis=1, keepdims=True)
+        ll = r[:, d:] + (const - 0.5 * quad)
+        return np.maximum.reduceat(ll, starts, axis=1)
+
+    def _arrays(self):
+        return {"means": self.means, "counts": self.counts, "owner": self.owner,
+                "scatter": self.scatter}
+
+    def _load_arrays(self, a):
+        self.means, self.counts = np.array(a["means"]), np.array(a["counts"])
+        self.owner, self.scatter = np.array(a["owner"]), np.array(a["scatter"])
+        self._fused = None

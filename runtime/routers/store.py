@@ -1,0 +1,90 @@
+"""Routers in the bundle: one safetensors file each, listed under the manifest's
+``routers`` key (``{name: {"file", "tasks"}}``) with ``default_router``."""
+
+from __future__ import annotations
+
+from ..bundle import Bundle
+from ..safetensors_mmap import read_safetensors
+from .base import Router, RouterError
+
+
+def router_names(bundle: Bundle) -> list[str]:
+    return sorted(bundle.manifest.get("routers", {}))
+
+
+def default_router(bundle: Bundle) -> str:
+    name = bundle.manifest.get("default_router")
+    if not name:
+        raise RouterError(f"{bundle.root}: the bundle has no router; give --task, or fit one "
+                          f"with 'edgecl bundle' from a run")
+    return name
+
+
+def read_router(bundle: Bundle, name: str) -> Router:
+    """The stored router ``name`` as it is (it may cover fewer tasks than the bundle)."""
+    from . import ROUTERS
+
+    entry = bundle.manifest.get("routers", {}).get(name)
+    if entry is None:
+        have = ", ".join(router_names(bundle)) or "none"
+        raise RouterError(f"{bundle.root}: no router {name!r} (the bundle has: {have})")
+    if name not in ROUTERS:
+        raise RouterError(f"{bundle.root}: router {name!r} is of a kind this runtime does not know")
+    arrays, meta = read_safetensors(bundle.root / entry["file"], mapped=False)
+    try:
+        router = ROUTERS[name].from_state(arrays, meta)
+    except (KeyError, ValueError) as e:
+        raise RouterError(f"{bundle.root / entry['file']}: corrupt router ({e})") from e
+    return router
+
+
+def load_router(bundle: Bundle, name: str | None = None) -> Router:
+    """The router ``name`` (default: the bundle's), checked to cover every task."""
+    router = read_router(bundle, name or default_router(bundle))
+    if router.tasks != bundle.task_names:
+        raise RouterError(f"{bundle.root}: router {router.name!r} covers tasks {router.tasks}, the bundle "
+                          f"holds {bundle.task_names}; update it with the new tasks' data")
+    return router
+
+
+def update_routers(path, data: list[tuple[str, object, object]], names: list[str] | None = None,
+                   threshold: float = 0.5) -> dict:
+    """Bring the bundle's routers up to its tasks, as one new bundle version.
+
+    ``data``: (task name, inputs, local labels or None) — needed for the tasks a router
+    does not cover yet; old tasks need none. The temperature is refitted on ``data``.
+    Returns {router name: its tasks}. Works on the host and on the device alike.
+    """
+    import numpy as np
+
+    from edgecl.compiler.bundle_writer import commit
+
+    from ..session import Runtime
+    from . import DEFAULT_ROUTER, ROUTERS
+
+    bundle = Bundle.open(path)
+    rt = Runtime(bundle)
+    by_name = {n: (x, y) for n, x, y in data}
+    states = {}
+    for name in names or list(ROUTERS):
+        if name not in ROUTERS:
+            raise RouterError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
+        router = read_router(bundle, name) if name in router_names(bundle) else ROUTERS[name]()
+        if router.tasks != bundle.task_names[: len(router.tasks)]:
+            router = ROUTERS[name]()  # another task history: start again from the data
+        for task in bundle.task_names[len(router.tasks):]:
+            if task not in by_name:
+                raise RouterError(f"router {name}: no data for task {task!r}, which it must learn")
+            x, y = by_name[task]
+            x = np.asarray(x, dtype=np.float32).reshape(len(x), *rt.input_shape)
+            router.add_task(rt, task, x, None if y is None else np.asarray(y))
+        calib = [(bundle.task_names.index(n), np.asarray(x, dtype=np.float32).reshape(
+            len(x), *rt.input_shape)) for n, x, _ in data if n in bundle.task_names]
+        if calib:
+            router.calibrate(rt, calib)
+        states[name] = router.state()
+    default = bundle.manifest.get("default_router") or (
+        DEFAULT_ROUTER if DEFAULT_ROUTER in states else next(iter(states)))
+    commit(path, model=bundle.model, backbone=None, tasks=[], routers=states,
+           default_router=default)
+    return {n: s[1]["tasks"].split("\n") for n, s in states.items()}

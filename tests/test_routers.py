@@ -1,0 +1,141 @@
+"""Task-agnostic inference: routers, calibrated confidence, unknown inputs, updates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgecl.compiler.from_run import bundle_run
+from edgecl.models.data import permuted_digits
+from edgecl.models.training import train
+from edgecl.runtime import Bundle, Runtime
+from edgecl.runtime.evaluate_routing import evaluate_routing
+from edgecl.runtime.routers import ROUTERS, UNKNOWN, PrototypeRouter, RouterError
+from edgecl.runtime.routers.store import load_router, update_routers
+from edgecl.tools.cli import main
+
+from .conftest import _quiet
+
+
+def _data(stream):
+    return [(t.name, t.x_test, t.y_test) for t in stream.tasks]
+
+
+@pytest.mark.parametrize("method", ["supsup", "hat"])
+def test_split_digits_best_router_identifies_tasks(trained, digits, method):
+    r = evaluate_routing(trained(method)[1], _data(digits), timing=False)
+    assert set(r["routers"]) == set(ROUTERS)
+    best = max(v["task_id_acc"] for v in r["routers"].values())
+    assert best >= 0.95
+    assert r["default_router"] == "prototype" and r["task_id_acc"] == best
+    # class-IL accuracy can only lose what task routing loses, never more than the task-IL
+    assert 0.9 <= r["class_il_acc"] <= r["task_id_acc"]
+
+
+def test_permuted_digits_ten_tasks(tmp_path):
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train("permuted-digits", "supsup", run, n_tasks=10, log=_quiet)
+    bundle_run(run, bundle)
+    stream = permuted_digits(10, seed=0)
+    r = evaluate_routing(bundle, _data(stream), timing=False)
+    assert r["task_id_acc"] >= 0.95
+    assert r["class_il_acc"] >= 0.8
+
+
+def test_unknown_inputs_and_threshold(trained, digits):
+    bundle = trained("supsup")[1]
+    rt = Runtime(bundle)
+    router = load_router(rt.bundle)
+    noise = np.random.default_rng(0).random((200, 64), dtype=np.float32)
+    assert (router.decide(rt, noise).task == UNKNOWN).mean() >= 0.95
+    x = digits.tasks[3].x_test.reshape(-1, 64)
+    d = router.decide(rt, x, threshold=0.5)
+    assert ((d.task == 3) | (d.task == UNKNOWN)).mean() >= 0.95
+    # the threshold decides: above every confidence -> all unknown; 0 -> none by confidence
+    assert (router.decide(rt, x, threshold=1.01).task == UNKNOWN).all()
+    d0 = router.decide(rt, x, threshold=0.0)
+    assert np.array_equal(d0.task[d0.task != UNKNOWN], d0.best[d0.task != UNKNOWN])
+    assert ((d.confidence >= 0.5) | (d.task == UNKNOWN)).all()
+    # a configured generalist task takes the unknowns instead
+    fb = router.decide(rt, noise, fallback=0)
+    assert (fb.task[(router.decide(rt, noise).task == UNKNOWN)] == 0).all()
+
+
+def test_held_out_class_is_mostly_unknown(tmp_path):
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train("split-digits", "supsup", run, n_tasks=4, log=_quiet)
+    bundle_run(run, bundle)
+    from edgecl.models.data import split_digits
+
+    s = split_digits(0)
+    r = evaluate_routing(bundle, _data(s)[:4], unknown=[("8-9", s.tasks[4].x_test)], timing=False)
+    # digits 8/9 resemble known ones (3 vs 8, 7 vs 9): flagged more often than known digits
+    fb = r["routers"]["prototype"]["fallback"]
+    assert fb["unknown_rate"]["8-9"] > fb["known_rejected_rate"]
+
+
+def test_confidence_is_calibrated(trained, digits):
+    rt = Runtime(trained("supsup")[1])
+    router = load_router(rt.bundle)
+    conf, correct = [], []
+    for t, task in enumerate(digits.tasks):
+        d = router.decide(rt, task.x_test.reshape(-1, 64), threshold=0.0)
+        conf.append(d.confidence)
+        correct.append(d.best == t)
+    conf, correct = np.concatenate(conf), np.concatenate(correct)
+    assert abs(conf.mean() - correct.mean()) < 0.05  # mean confidence ≈ accuracy
+
+
+def test_adding_a_task_updates_routers_without_old_data(tmp_path, trained, digits):
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    shutil.copytree(trained("supsup")[0], run)
+    train("split-digits", "supsup", tmp_path / "run4", n_tasks=4, log=_quiet)
+    bundle_run(tmp_path / "run4", bundle)
+    before = load_router(Bundle.open(bundle), "prototype")
+    bundle_run(run, bundle, routers=False)  # task 5 arrives; the routers are now stale
+    with pytest.raises(RouterError, match="covers tasks"):
+        load_router(Bundle.open(bundle))
+    new = digits.tasks[4]
+    update_routers(bundle, [(new.name, digits.tasks[4].x_train, new.y_train)])  # new data only
+    after = load_router(Bundle.open(bundle), "prototype")
+    assert after.tasks == before.tasks + [new.name]
+    assert np.array_equal(after.means[: len(before.means)], before.means)  # old stats kept
+    r = evaluate_routing(bundle, _data(digits), timing=False)
+    assert r["routers"]["prototype"]["task_id_acc"] >= 0.95
+
+
+def test_router_state_round_trip():
+    r = PrototypeRouter()
+    r.tasks, r.temperature, r.novelty = ["a"], 2.5, [-3.0]
+    r.means, r.counts = np.ones((2, 3)), np.array([4.0, 5.0])
+    r.owner, r.scatter = np.array([0, 0]), np.eye(3)
+    arrays, meta = r.state()
+    back = PrototypeRouter.from_state(arrays, meta)
+    assert back.tasks == ["a"] and back.temperature == 2.5 and back.novelty == [-3.0]
+    assert np.array_equal(back.scatter, r.scatter)
+
+
+def test_cli_infer_routes_and_eval_reports(trained, digits, tmp_path, capsys):
+    bundle = str(trained("hat")[1])
+    x = np.concatenate([digits.tasks[2].x_test[:20], np.random.default_rng(0).random((2, 1, 8, 8))])
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    assert main(["infer", bundle, "--input", str(tmp_path / "x.npy"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["router"] == "prototype"
+    assert sum(o["task"] == "digits-4-5" for o in out["inputs"][:20]) >= 18
+    assert [o["task"] for o in out["inputs"][20:]] == ["unknown"] * 2
+    want = np.asarray(digits.tasks[2].classes)[digits.tasks[2].y_test[:20]].tolist()
+    assert sum(o["prediction"] == w for o, w in zip(out["inputs"][:20], want, strict=True)) >= 18
+    assert main(["infer", bundle, "--input", str(tmp_path / "x.npy"), "--router", "gradient"]) == 0
+    assert "router gradient" in capsys.readouterr().out
+    assert main(["infer", bundle, "--input", str(tmp_path / "x.npy"), "--router", "nope"]) == 2
+    assert "no router 'nope'" in capsys.readouterr().err
+    assert main(["eval", bundle, "--data", "split-digits", "--json", str(tmp_path / "e.json")]) == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    for key in ("task_id_acc", "class_il_acc", "router_overhead"):
+        assert key in r
+    assert r["router_overhead"] > 0
+    assert "noise" in r["routers"]["prototype"]["fallback"]["unknown_rate"]
