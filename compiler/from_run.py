@@ -12,10 +12,9 @@ from edgecl.models.data import load_stream
 from edgecl.models.training import Run, load_run
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import MANIFEST
+from edgecl.runtime.bundle_write import commit
 from edgecl.runtime.errors import BundleError
 from edgecl.runtime.routers.store import update_routers
-
-from .bundle_writer import commit
 
 
 def model_entry(run: Run) -> dict:

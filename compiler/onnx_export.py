@@ -13,8 +13,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from edgecl.compiler.artifacts import commit_files
 from edgecl.runtime.bundle import Bundle
+from edgecl.runtime.bundle_write import commit_files
 
 OPSET = 17
 IR_VERSION = 8

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.compiler import targets as tg
-from edgecl.compiler.artifacts import commit_files
 from edgecl.runtime.backends.packing import aligned_copy, pack_params, vec_for
 from edgecl.runtime.bundle import Bundle
+from edgecl.runtime.bundle_write import commit_files
 
 BATCHES = (1, 8, 32)
 

@@ -1,6 +1,6 @@
 """The bundle's on-disk contract: manifest serialization, checksums, atomic writes.
 
-Both the host's writer (``edgecl.compiler.bundle_writer``) and the device (reading, and
+Writers (``edgecl.runtime.bundle_write``, used by the host and by the device) and readers (and
 committing tasks it learned) use these, so they live on the device side.
 """
 

@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from the local wheel.
 .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel >/dev/null
-.venv/bin/python -m pip install --quiet -e ".[host,test]"
+# The aarch64 cross toolchain (apt) for rpi4/rpi5/jetson-orin libraries.
+bash scripts/install_toolchains.sh
+.venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,bench]"

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecl.compiler import bundle_writer
-from edgecl.runtime import Bundle, BundleError, Runtime
+from edgecl.runtime import Bundle, BundleError, Runtime, bundle_write
 from edgecl.runtime.bundle_format import serialize_manifest
 from edgecl.runtime.safetensors_mmap import read_safetensors
 
@@ -95,7 +94,7 @@ def _commit_next(bundle: Path) -> None:
     t = b.tasks[0]
     entry = {k: t[k] for k in ("classes", "n_classes", "method", "mask_kind", "metrics")}
     entry["name"] = f"extra-{b.version}"
-    bundle_writer.commit(bundle, model=b.model, backbone=dict(b.backbone),
+    bundle_write.commit(bundle, model=b.model, backbone=dict(b.backbone),
                          tasks=[(entry, b.task_tensors(0))])
 
 
@@ -170,9 +169,9 @@ def test_duplicate_task_name_and_other_model_refused(bundle_copy):
     b = Bundle.open(bundle)
     entry = dict(b.tasks[0])
     with pytest.raises(BundleError, match="already in the bundle"):
-        bundle_writer.commit(bundle, model=b.model, backbone=dict(b.backbone),
+        bundle_write.commit(bundle, model=b.model, backbone=dict(b.backbone),
                              tasks=[(entry, b.task_tensors(0))])
     other = dict(b.model, feature_dim=1)
     with pytest.raises(BundleError, match="another model"):
-        bundle_writer.commit(bundle, model=other, backbone=dict(b.backbone), tasks=[])
+        bundle_write.commit(bundle, model=other, backbone=dict(b.backbone), tasks=[])
     assert Bundle.open(bundle).version == b.version

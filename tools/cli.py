@@ -205,6 +205,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from edgecl.compiler.onnx_export import export_bundle
+    from edgecl.compiler.tvm_build import compile_bundle
+    from edgecl.runtime.bundle import Bundle
+
+    try:
+        version = compile_bundle(args.bundle, args.target, args.tune)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise EdgeclError(f"compile {args.bundle} for {args.target}: {e}") from e
+    entry = Bundle.open(args.bundle).manifest["targets"][args.target]
+    print(f"{args.bundle}: version {version}: {args.target} -> {entry['file']} "
+          f"(TVM {entry['tvm_version']}, {'tuned' if entry['tuned'] else 'default schedule'})")
+    if not Bundle.open(args.bundle).manifest.get("exports", {}).get("onnx"):
+        print(f"{args.bundle}: version {export_bundle(args.bundle)}: ONNX graphs for onnxruntime")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bundle == "kernels":
+        from .bench_kernels import run_kernel_bench
+
+        run_kernel_bench(args.json)
+        return 0
+    from . import bench
+
+    if not Path(args.bundle).is_dir():
+        raise EdgeclError(f"{args.bundle}: no such bundle directory (or say 'kernels')")
+    return bench.main(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -256,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="a bundle's tasks, sizes, hashes and methods")
     s.add_argument("bundle")
     s.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("compile", help="add a TVM library for a target (and the ONNX graphs)")
+    c.add_argument("bundle")
+    c.add_argument("--target", required=True, choices=["host", "rpi4", "rpi5", "jetson-orin"])
+    c.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="try up to N schedules on the host (results cached per architecture)")
+    c.set_defaults(func=cmd_compile)
+
+    from . import bench
+
+    k = sub.add_parser("bench", help="benchmark backends side by side ('edgecl bench kernels': "
+                                     "the C kernels against numpy)")
+    bench.add_arguments(k)
+    k.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
     d.add_argument("--out", default="demo-out", help="where runs and bundles go")

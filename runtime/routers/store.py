@@ -57,8 +57,7 @@ def update_routers(path, data: list[tuple[str, object, object]], names: list[str
     """
     import numpy as np
 
-    from edgecl.compiler.bundle_writer import commit
-
+    from ..bundle_write import commit
     from ..session import Runtime
     from . import DEFAULT_ROUTER, ROUTERS
 
