@@ -1,7 +1,7 @@
 """The bundle's on-disk contract: manifest serialization, checksums, atomic writes.
 
-Writers (``edgecl.runtime.bundle_write``, used by the host and by the device) and readers (and
-committing tasks it learned) use these, so they live on the device side.
+The writer (``edgecl.runtime.bundle_write``, used by the host and by the device alike)
+and the reader (``edgecl.runtime.bundle``) share these, so they live on the device side.
 """
 
 from __future__ import annotations
