@@ -186,6 +186,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     m = b.manifest
     print(f"bundle {args.bundle}: format {m['format']} v{m['format_version']}, version {b.version} "
           f"(versions on disk: {', '.join(map(str, b.versions()))}), edgecl {m.get('edgecl_version')}")
+    from edgecl import kernels
+
+    print(f"kernels: {kernels.status()}")
     model = b.model
     print(f"model: {model['arch']}, input {tuple(model['input_shape'])}, "
           f"{model['n_weights']:,} backbone weights, {model['feature_dim']} features")
