@@ -1,0 +1,358 @@
+"""Learning a new task on the device: plan, learn in a budgeted child, verify, commit.
+
+    from edgecl.runtime.learn import learn
+    report = learn("bundle/", "digits-8-9", "samples.npz", method="supsup", ram_mb=64)
+
+1. Read the samples (``x``, ``y`` global labels; ``classes`` = sorted unique ``y``) and
+   hold out a seeded split for the report's accuracy.
+2. Plan the RAM (:mod:`.planner`): pick the largest batch <= ``batch_size`` that fits
+   ``ram_mb``, or refuse with the minimum.
+3. Compute every old task's logits on canary inputs through the runtime.
+4. Learn in a child process with ``RLIMIT_AS`` = baseline of a bare child + budget
+   (:mod:`.child`); it draws on the energy budget and checkpoints when it is spent.
+5. Verify on the candidate (new backbone + old masks, in memory, through the runtime's
+   own activation) that every old task's canary logits are byte-identical; refuse
+   otherwise. Then commit one new version (``bundle_write.commit``), and update the
+   routers with the new task's data only (another version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..bundle_format import MANIFEST
+from ..bundle_write import commit, safe_name
+from ..errors import EdgeclError
+from ..session import Runtime
+from . import planner, trainer
+from .layers import weighted
+
+METHODS = ("supsup", "packnet", "head")
+WORK_DIR = ".learn"
+MiB = 1 << 20
+AS_SLACK = 16 * MiB  # allocator arenas and page rounding above the measured baseline
+
+
+class LearnError(EdgeclError):
+    """Learning on the device cannot start, or its result cannot be committed."""
+
+
+class RamBudgetError(LearnError):
+    """The RAM budget is below the plan's minimum, or the child exceeded it."""
+
+
+class ForgettingError(LearnError):
+    """An old task's outputs would change: the commit is refused."""
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB glibc arenas in the address space
+    return env
+
+
+def baseline_address_space() -> int:
+    """VmPeak of a bare child that imported what the learner imports and ran BLAS."""
+    r = subprocess.run([sys.executable, "-m", "edgecl.runtime.learn.child", "--probe"],
+                       capture_output=True, text=True, env=_child_env(), timeout=120)
+    if r.returncode != 0:
+        raise LearnError(f"cannot start the learning child: {r.stderr.strip()[-500:]}")
+    return int(json.loads(r.stdout.strip().splitlines()[-1])["vm_peak"])
+
+
+def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise LearnError(f"{path}: no such file") from None
+    except Exception as e:
+        raise LearnError(f"{path}: not a readable .npz file ({e})") from e
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise LearnError(f"{path}: missing array {key!r} (has: {', '.join(arrays) or 'none'})")
+    x, y = arrays["x"], arrays["y"]
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(x) != len(y) or len(y) == 0:
+        raise LearnError(f"{path}: need x [N, ...] and y [N] integer labels, "
+                         f"got {x.shape}, {y.dtype} {y.shape}")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if int(np.prod(x.shape[1:])) != int(np.prod(input_shape)):
+        raise LearnError(f"{path}: samples of shape {x.shape[1:]} do not fit the model's input {input_shape}")
+    x = np.ascontiguousarray(x.reshape(len(x), *input_shape))
+    if not np.isfinite(x).all():
+        raise LearnError(f"{path}: x holds NaN or infinite values")
+    classes = sorted(int(c) for c in np.unique(y))
+    if len(classes) < 2:
+        raise LearnError(f"{path}: a task needs at least 2 classes, y holds {classes}")
+    local = np.searchsorted(np.asarray(classes), y).astype(np.int64)
+    return x, local, classes
+
+
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded: (train indices, held-out indices)."""
+    rng = np.random.default_rng([seed, 5])
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        if fraction > 0 and len(idx) > 1:
+            n = min(max(n, 1), len(idx) - 1)
+        test[idx[:n]] = True
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def canary_inputs(input_shape: tuple[int, ...], x: np.ndarray, n: int = 32) -> np.ndarray:
+    """Fixed canaries: seeded uniform inputs plus the first new samples."""
+    rnd = np.random.default_rng(20240607).random((n, *input_shape), dtype=np.float32)
+    return np.concatenate([rnd, x[:n]]).astype(np.float32)
+
+
+class _Candidate(Bundle):
+    """The bundle as it would be after the commit, in memory: the runtime's own activation
+    runs on it (the new backbone, the old masks, the new task)."""
+
+    def __init__(self, base: Bundle, backbone: dict, entry: dict, tensors: dict) -> None:
+        manifest = json.loads(json.dumps(base.manifest))
+        manifest["tasks"].append(dict(entry, index=len(manifest["tasks"]), file="(candidate)"))
+        super().__init__(base.root, manifest)
+        self.__dict__["backbone"] = backbone
+        self._base, self._new = base, (entry["name"], tensors)
+
+    def task_tensors(self, key):
+        name = self.task(key)["name"]
+        return self._new[1] if name == self._new[0] else self._base.task_tensors(name)
+
+
+def _old_logits(rt: Runtime, names: list[str], x: np.ndarray) -> dict[str, bytes]:
+    return {n: rt.logits(x, n).tobytes() for n in names}
+
+
+def _bytes_of_dir(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: str = "supsup",
+          epochs: int | None = None, ram_mb: float | None = 256.0, energy_j: float | None = None,
+          resume: bool = False, seed: int = 0, *, batch_size: int = 32, lr: float | None = None,
+          holdout: float = 0.1, meter: str | dict = "auto", meter_root: str = "/",
+          source_task: str | None = None, step_backend: str = "auto", json_path: str | Path | None = None,
+          quiet: bool = False, routers: bool = True, debug_alloc_mb: float = 0.0) -> dict:
+    """Learn ``task`` from ``samples_npz`` and commit it to the bundle; returns the report
+    (``status``: ``committed`` or ``paused``). Raises :class:`LearnError` subclasses."""
+    t_start = time.monotonic()
+    root = Path(bundle_dir)
+    if method not in METHODS:
+        raise LearnError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    bundle = Bundle.open(root)
+    if task in bundle.task_names:
+        raise LearnError(f"{root}: task {task!r} is already in the bundle (version {bundle.version})")
+    model = bundle.model
+    shape = tuple(model["input_shape"])
+    x_all, y_all, classes = load_samples(samples_npz, shape)
+    tr, te = holdout_split(y_all, holdout, seed)
+    x, y = x_all[tr], y_all[tr]
+    hp = dict(trainer.DEFAULTS[method])
+    if epochs is not None:
+        hp["epochs"] = int(epochs)
+    if lr is not None:
+        hp["lr"] = float(lr)
+    src = None
+    if method == "head":
+        src = bundle.task(source_task if source_task is not None else len(bundle.tasks) - 1)["name"]
+    elif method == "packnet":
+        kinds = {t["mask_kind"] for t in bundle.tasks}
+        if kinds - {"weight_bits"}:
+            raise LearnError(f"{root}: packnet needs weight-level masks; the bundle has {sorted(kinds)}")
+    elif source_task is not None:
+        raise LearnError("--source-task is for --method head")
+    mask_kind = bundle.task(src)["mask_kind"] if src else "weight_bits"
+
+    # -- work dir, checkpoint, fingerprint ------------------------------------------
+    work = root / WORK_DIR / safe_name(task)
+    ckpt = work / trainer.CHECKPOINT
+    digest = hashlib.sha256(x_all.tobytes() + y_all.tobytes()).hexdigest()
+    fingerprint = {"task": task, "method": method, "seed": int(seed), "hp": hp, "holdout": holdout,
+                   "samples_sha256": digest, "bundle_version": bundle.version, "source_task": src}
+    if resume:
+        if not ckpt.is_file():
+            raise LearnError(f"{ckpt}: no checkpoint to resume (learning of {task!r} was not paused)")
+        _, meta = trainer.load_checkpoint(ckpt)
+        want = dict(fingerprint)
+        got = {k: meta.get(k) for k in want}
+        if json.loads(json.dumps(want)) != got:
+            diff = [k for k in want if json.loads(json.dumps(want[k])) != got[k]]
+            raise LearnError(f"{ckpt}: the checkpoint was made with other {', '.join(diff)}; "
+                             f"resume with the same settings, or delete {work} to start over")
+        batch_size = int(meta["batch_size"])
+    elif ckpt.is_file():
+        raise LearnError(f"{ckpt}: learning of {task!r} was paused here; pass --resume to continue it "
+                         f"(or delete {work} to start over)")
+
+    # -- plan ---------------------------------------------------------------------
+    bb_bytes = (root / bundle.manifest["backbone"]).stat().st_size
+    trainable = None
+    if method == "packnet":
+        old = [bundle.task_tensors(t) for t in bundle.task_names]
+        trainable = trainer.Problem(model, bundle.backbone, old, x[:1], y[:1], len(classes), method,
+                                    hp, 1, seed).trainable
+        if not trainable:
+            raise LearnError(f"{root}: no free weights left: every weight is owned by a task")
+    kw = dict(model=model, mode=method, n_tasks=len(bundle.tasks), n_classes=len(classes),
+              n_samples=len(x_all), trainable_layers=trainable, backbone_bytes=bb_bytes)
+    budget = None if ram_mb is None else int(ram_mb * MiB)
+    try:
+        chosen, minimum = planner.choose(budget, batch_size, **kw)
+    except ValueError as e:
+        need = int(e.args[0])
+        raise RamBudgetError(f"RAM budget {ram_mb:g} MiB is below the minimum this learning needs: "
+                             f"{need / MiB:.2f} MiB ({need} bytes, batch size 1); nothing was changed"
+                             ) from None
+    if resume and chosen.batch_size != batch_size:
+        need = planner.plan(batch_size=batch_size, **kw).total
+        raise RamBudgetError(f"the checkpoint's batch size {batch_size} needs {need / MiB:.2f} MiB; "
+                             f"the budget {ram_mb:g} MiB fits only {chosen.batch_size}")
+    fingerprint["batch_size"] = chosen.batch_size
+
+    # -- canaries through the runtime, before ---------------------------------------
+    canaries = canary_inputs(shape, x_all)
+    before = _old_logits(Runtime(bundle), bundle.task_names, canaries)
+
+    # -- the child ------------------------------------------------------------------
+    base_as = baseline_address_space()
+    limit = None if budget is None else base_as + budget + AS_SLACK
+    report: dict = {"bundle": str(root), "task": task, "method": method, "classes": classes,
+                    "seed": int(seed), "hparams": hp, "batch_size": chosen.batch_size,
+                    "plan_bytes": chosen.total, "plan": chosen.as_dict(), "min_plan_bytes": minimum.total,
+                    "ram_budget_bytes": budget, "baseline_address_space": base_as,
+                    "address_space_limit": limit, "n_train": len(x), "n_holdout": len(te),
+                    "energy_budget_j": energy_j, "resumed": bool(resume)}
+    with tempfile.TemporaryDirectory(prefix="edgecl-learn-") as tmp:
+        job_dir = Path(tmp)
+        np.savez(job_dir / "samples.npz", x=x, y=y)
+        job = {"bundle": str(root.resolve()), "version": bundle.version, "method": method, "hp": hp,
+               "n_classes": len(classes), "batch_size": chosen.batch_size, "seed": int(seed),
+               "source_task": src, "checkpoint": str(ckpt.resolve()), "resume": bool(resume),
+               "meter": meter, "meter_root": meter_root, "energy_j": energy_j, "quiet": quiet,
+               "step_backend": step_backend, "fingerprint": fingerprint, "debug_alloc_mb": debug_alloc_mb}
+        (job_dir / "job.json").write_text(json.dumps(job))
+
+        def limit_as() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        proc = subprocess.run([sys.executable, "-m", "edgecl.runtime.learn.child", str(job_dir)],
+                              preexec_fn=limit_as, env=_child_env(),
+                              stdout=subprocess.DEVNULL if quiet else None,
+                              stderr=subprocess.PIPE if quiet else None, text=True)
+        try:
+            stats = json.loads((job_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            stats = {"status": "killed"}
+        report.update({k: v for k, v in stats.items() if k not in ("status", "traceback")})
+        report["peak_rss_bytes"] = stats.get("peak_rss")
+        report["child_exit"] = proc.returncode
+        limit_txt = "no limit" if limit is None else f"{limit / MiB:.1f} MiB address space"
+        if stats.get("status") == "memory" or (proc.returncode < 0 and stats["status"] == "killed"):
+            why = stats.get("error") or f"killed by signal {-proc.returncode}"
+            raise RamBudgetError(f"the learning child exceeded its RAM budget of {ram_mb:g} MiB "
+                                 f"({limit_txt} = baseline {base_as / MiB:.1f} MiB + budget): {why}; "
+                                 f"nothing was committed")
+        if stats.get("status") == "paused":
+            report.update(status="paused", checkpoint=str(ckpt), seconds_wall=time.monotonic() - t_start)
+            _finish(report, json_path)
+            return report
+        if proc.returncode != 0 or stats.get("status") != "done":
+            err = stats.get("error") or (proc.stderr or "")[-800:] or f"exit code {proc.returncode}"
+            raise LearnError(f"learning {task!r} failed in the child: {err}; nothing was committed")
+        from safetensors.numpy import load_file
+
+        result = load_file(str(job_dir / "result.safetensors"))
+    tensors = {k[5:]: v for k, v in result.items() if k.startswith("task.")}
+    new_backbone = {k[9:]: v for k, v in result.items() if k.startswith("backbone.")} or None
+
+    # -- verify on the candidate, then commit ---------------------------------------
+    entry = {"name": task, "classes": classes, "n_classes": len(classes), "method": method,
+             "mask_kind": mask_kind, "metrics": {"host_acc": None, "before_acc": None, "init_acc": None}}
+    crt = verify_candidate(bundle, new_backbone, entry, tensors, canaries, before)
+    acc = float((crt.logits(x_all[te], task).argmax(axis=1) == y_all[te]).mean()) if len(te) else None
+    entry["metrics"].update(device_acc=acc, learned_on="device", joules=report.get("joules"),
+                            steps=report.get("steps"))
+    version = commit(root, model=model, backbone=new_backbone, tasks=[(entry, tensors)])
+    rt = Runtime(root)  # the committed version, as any reader opens it
+    if _old_logits(rt, bundle.task_names, canaries) != before:
+        raise ForgettingError(f"{root / MANIFEST}: committed version {version} does not reproduce the "
+                              f"old tasks' canary outputs")
+    versions = [version]
+    have_routers = sorted(bundle.manifest.get("routers", {}))
+    if routers and have_routers:
+        from ..routers.store import update_routers
+
+        update_routers(root, [(task, x_all, y_all)], names=have_routers)
+        versions.append(Bundle.open(root, verify=False).version)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        (root / WORK_DIR).rmdir()
+    except OSError:
+        pass
+    report.update(status="committed", versions=versions, holdout_acc=acc,
+                  canaries_checked=len(canaries) * len(bundle.task_names),
+                  backbone_changed=new_backbone is not None, seconds_wall=time.monotonic() - t_start)
+    _finish(report, json_path)
+    return report
+
+
+def verify_candidate(bundle: Bundle, new_backbone: dict | None, entry: dict, tensors: dict,
+                     canaries: np.ndarray, before: dict[str, bytes]) -> Runtime:
+    """The runtime over the bundle as it would be after the commit (in memory), once every
+    old task's canary logits are byte-identical to ``before``; else ``ForgettingError``."""
+    cand = _Candidate(bundle, new_backbone if new_backbone is not None else bundle.backbone,
+                      entry, tensors)
+    if new_backbone is not None:
+        _check_owned_unchanged(bundle, new_backbone)
+    crt = Runtime(cand)
+    after = _old_logits(crt, bundle.task_names, canaries)
+    changed = [n for n in bundle.task_names if after[n] != before[n]]
+    if changed:
+        raise ForgettingError(f"refusing to commit {entry['name']!r}: old task(s) {changed} would "
+                              f"answer differently on the canary inputs (not byte-identical)")
+    return crt
+
+
+def _check_owned_unchanged(bundle: Bundle, new: dict) -> None:
+    """Every owned weight (any old task's mask bit), and every bias, byte-identical."""
+    from ..masks import unpack_bits
+
+    old = bundle.backbone
+    if set(old) != set(new):
+        raise ForgettingError(f"refusing to commit: the new backbone has tensors {sorted(new)}, "
+                              f"the old {sorted(old)}")
+    for layer in weighted(bundle.model["layers"]):
+        n = layer["name"]
+        w_old, w_new = np.asarray(old[f"{n}.weight"]), new[f"{n}.weight"]
+        owned = np.zeros(w_old.size, dtype=bool)
+        for t in bundle.task_names:
+            owned |= unpack_bits(bundle.task_tensors(t)[f"mask.{n}"], (w_old.size,))
+        a, b = w_old.reshape(-1).view(np.uint32), w_new.reshape(-1).view(np.uint32)
+        if not np.array_equal(a[owned], b[owned]):
+            raise ForgettingError(f"refusing to commit: owned weights of {n} changed")
+        if f"{n}.bias" in old and np.asarray(old[f"{n}.bias"]).tobytes() != new[f"{n}.bias"].tobytes():
+            raise ForgettingError(f"refusing to commit: the bias of {n} changed")
+
+
+def _finish(report: dict, json_path: str | Path | None) -> None:
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=1, default=str) + "\n")

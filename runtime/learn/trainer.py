@@ -1,0 +1,307 @@
+"""The learning itself (runs in the child): state, the step function, phases, checkpoints.
+
+A method's state is a dict of float32 arrays (scores or trainable weights, the head, the
+Adam moments) plus a position (phase, epoch, batch, Adam step). The data order of an
+epoch is a permutation drawn from ``(seed, phase, epoch)``; the permutation in use is
+stored in the checkpoint along with every array, so a resumed run takes exactly the
+steps an uninterrupted one takes.
+
+The step function is pluggable (:data:`STEP_BACKENDS`): ``numpy`` runs forward and
+backward with :mod:`.train_numpy` and updates with the masked C kernels
+(``masked_adam_``; ``materialize_bits`` for the supermask). A compiled training step
+(the manifest's ``targets.<t>.train_step``, e.g. a TVM library) registers itself under
+another name with :func:`register_step_backend` and takes the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ... import kernels
+from .. import executor
+from ..bundle_format import atomic_write_bytes
+from ..masks import materialize_bits, materialize_units, pack_bits, unpack_bits
+from . import train_numpy as T
+from .layers import weight_shape, weighted
+
+DEFAULTS = {
+    # the host's hyperparameters (models/methods), so device and host learn alike
+    "supsup": {"epochs": 30, "lr": 1e-2, "density": 0.5},
+    "packnet": {"epochs": 30, "lr": 1e-3, "prune": 0.6, "retrain_epochs": 10},
+    "head": {"epochs": 30, "lr": 1e-2},
+}
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class State:
+    arrays: dict[str, np.ndarray]
+    pos: dict = field(default_factory=lambda: {"phase": 0, "epoch": 0, "batch": 0, "adam": 0,
+                                               "steps": 0, "joules": 0.0, "seconds": 0.0})
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _ones_bits(n: int) -> np.ndarray:
+    return pack_bits(np.ones(n, dtype=bool))
+
+
+def topk_bits(scores: np.ndarray, density: float) -> np.ndarray:
+    """SupSup's mask: the top ``density`` of a layer's scores, bit-packed."""
+    flat = scores.reshape(-1)
+    k = max(1, int(round(flat.size * density)))
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[np.argpartition(-flat, k - 1)[:k]] = True
+    return pack_bits(keep)
+
+
+class Problem:
+    """What the child learns: the bundle's frozen parts, the data, the hyperparameters."""
+
+    def __init__(self, model: dict, backbone: dict[str, np.ndarray], old_masks: list[dict],
+                 x: np.ndarray, y: np.ndarray, n_classes: int, method: str, hp: dict,
+                 batch_size: int, seed: int, source: dict[str, np.ndarray] | None = None) -> None:
+        self.model, self.layers = model, model["layers"]
+        self.wl = weighted(self.layers)
+        self.names = [layer["name"] for layer in self.wl]
+        self.backbone = backbone
+        self.x, self.y, self.n_classes = x, y, n_classes
+        self.method, self.hp, self.bs, self.seed = method, hp, int(batch_size), int(seed)
+        self.source = source
+        self.feat = int(model["feature_dim"])
+        self.phases = [int(hp["epochs"])] + ([int(hp["retrain_epochs"])] if method == "packnet" else [])
+        if method == "packnet":  # free = not owned by any task (the union of their masks)
+            self.union = {}
+            for n, layer in zip(self.names, self.wl, strict=True):
+                size = int(np.prod(weight_shape(layer)))
+                u = np.zeros(size, dtype=bool)
+                for m in old_masks:
+                    u |= unpack_bits(m[f"mask.{n}"], (size,))
+                self.union[n] = u
+            self.trainable = [n for n in self.names if not self.union[n].all()]
+        else:
+            self.trainable = list(self.names) if method == "supsup" else []
+        self._features = None
+
+    # -- state ---------------------------------------------------------------
+    def initial(self) -> State:
+        rng = np.random.default_rng([self.seed, 1])
+        a: dict[str, np.ndarray] = {}
+        if self.method == "supsup":
+            for n, layer in zip(self.names, self.wl, strict=True):
+                shape = weight_shape(layer)
+                bound = (6.0 / int(np.prod(shape[1:]))) ** 0.5  # kaiming uniform, as edge-popup
+                a[f"scores.{n}"] = _f32(rng.uniform(-bound, bound, shape))
+        elif self.method == "packnet":
+            for n in self.names:
+                a[f"weight.{n}"] = np.array(self.backbone[f"{n}.weight"], dtype=np.float32)
+                a[f"free.{n}"] = pack_bits(~self.union[n])
+        bound = 1.0 / self.feat**0.5
+        a["head.weight"] = _f32(rng.uniform(-bound, bound, (self.n_classes, self.feat)))
+        a["head.bias"] = _f32(rng.uniform(-bound, bound, self.n_classes))
+        self._reset_moments(a)
+        return State(a)
+
+    def _opt_keys(self, a: dict) -> list[str]:
+        pre = "scores." if self.method == "supsup" else "weight."
+        keys = [pre + n for n in self.trainable] if self.method != "head" else []
+        return [*keys, "head.weight", "head.bias"]
+
+    def _reset_moments(self, a: dict) -> None:
+        for k in self._opt_keys(a):
+            a[f"m.{k}"] = np.zeros_like(a[k])
+            a[f"v.{k}"] = np.zeros_like(a[k])
+            if not k.startswith("weight."):
+                a[f"all.{k}"] = _ones_bits(a[k].size)
+
+    def prune(self, state: State) -> None:
+        """PackNet between phases: keep the largest free weights, zero the rest (+0.0)."""
+        a = state.arrays
+        for n in self.names:
+            w = a[f"weight.{n}"]
+            cand = ~self.union[n]
+            k = int(round(int(cand.sum()) * (1.0 - float(self.hp["prune"]))))
+            keep = np.zeros(w.size, dtype=bool)
+            if k > 0:
+                mags = np.where(cand, np.abs(w.reshape(-1)), np.float32(-1.0))
+                keep[np.argpartition(-mags, k - 1)[:k]] = True
+            flat = w.reshape(-1)
+            flat[cand & ~keep] = np.float32(0.0)
+            a[f"keep.{n}"] = pack_bits(keep)
+            a[f"free.{n}"] = a[f"keep.{n}"].copy()  # retrain only what this task kept
+        self._reset_moments(a)
+
+    # -- data ------------------------------------------------------------------
+    def order(self, phase: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 17, phase, epoch]).permutation(len(self.x))
+
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.x) // self.bs))
+
+    def total_steps(self) -> int:
+        return sum(self.phases) * self.batches_per_epoch()
+
+    def features(self) -> np.ndarray:
+        """Head mode: the source task's features of every sample, computed once."""
+        if self._features is None:
+            params = source_params(self.model, self.backbone, self.source)
+            self._features = executor.features(self.layers, params, self.x)
+        return self._features
+
+    # -- the result --------------------------------------------------------------
+    def result(self, state: State) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """(the task file's tensors, the new backbone or None)."""
+        a = state.arrays
+        out = {"head.weight": a["head.weight"].copy(), "head.bias": a["head.bias"].copy()}
+        if self.method == "supsup":
+            for n in self.names:
+                out[f"mask.{n}"] = topk_bits(a[f"scores.{n}"], float(self.hp["density"]))
+            return out, None
+        if self.method == "head":
+            out.update({k: v.copy() for k, v in self.source.items() if k.startswith(("mask.", "gate."))})
+            return out, None
+        backbone = {k: np.array(v, dtype=v.dtype) for k, v in self.backbone.items()}
+        for n in self.names:
+            size = a[f"weight.{n}"].size
+            keep = unpack_bits(a[f"keep.{n}"], (size,))
+            out[f"mask.{n}"] = pack_bits(self.union[n] | keep)
+            backbone[f"{n}.weight"] = a[f"weight.{n}"].copy()
+        return out, backbone
+
+
+def source_params(model: dict, backbone: dict, tensors: dict) -> dict:
+    """A task's materialized weights (as :func:`edgecl.runtime.session.activate`)."""
+    params = {}
+    for layer in weighted(model["layers"]):
+        n = layer["name"]
+        w, b = backbone[f"{n}.weight"], backbone.get(f"{n}.bias")
+        if f"mask.{n}" in tensors:
+            params[n] = (materialize_bits(w, tensors[f"mask.{n}"]), None if b is None else np.array(b))
+        else:
+            g = tensors[f"gate.{n}"]
+            params[n] = (materialize_units(w, g), None if b is None else materialize_units(b, g))
+    return params
+
+
+# ------------------------------------------------------------------ step functions
+Step = Callable[[Problem, State, np.ndarray, np.ndarray], float]
+
+
+def _adam(a: dict, key: str, grad: np.ndarray, bits: np.ndarray, lr: float, t: int) -> None:
+    kernels.masked_adam_(a[key], _f32(grad), a[f"m.{key}"], a[f"v.{key}"], bits, lr, t)
+
+
+def numpy_step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
+    """One masked update on the samples ``idx``; returns the loss."""
+    a, pos = s.arrays, s.pos
+    pos["adam"] += 1
+    t, lr = pos["adam"], float(p.hp["lr"])
+    y = p.y[idx]
+    head = (a["head.weight"], a["head.bias"])
+    if p.method == "head":
+        feats = p.features()[idx]
+        logits = feats @ head[0].T + head[1]
+        loss, g = T.cross_entropy(logits, y)
+        _adam(a, "head.weight", g.T @ feats, a["all.head.weight"], lr, t)
+        _adam(a, "head.bias", g.sum(axis=0), a["all.head.bias"], lr, t)
+        return loss
+    x = p.x[idx]
+    params = {}
+    for n in p.names:
+        b = p.backbone.get(f"{n}.bias")
+        if p.method == "supsup":
+            bits = topk_bits(a[f"scores.{n}"], float(p.hp["density"]))
+            params[n] = (materialize_bits(p.backbone[f"{n}.weight"], bits), b)
+        else:
+            params[n] = (a[f"weight.{n}"], b)
+    logits, cache = T.forward(p.layers, params, head, x)
+    loss, g = T.cross_entropy(logits, y)
+    gw, _, ghw, ghb = T.backward(p.layers, params, head, cache, g, set(p.trainable))
+    for n in p.trainable:
+        if p.method == "supsup":  # straight-through: d(w*m)/dm = w goes to the scores
+            key, grad = f"scores.{n}", gw[n] * p.backbone[f"{n}.weight"]
+            _adam(a, key, grad, a[f"all.{key}"], lr, t)
+        else:
+            _adam(a, f"weight.{n}", gw[n], a[f"free.{n}"], lr, t)
+    _adam(a, "head.weight", ghw, a["all.head.weight"], lr, t)
+    _adam(a, "head.bias", ghb, a["all.head.bias"], lr, t)
+    return loss
+
+
+STEP_BACKENDS: dict[str, Callable[[dict], Step]] = {"numpy": lambda manifest: numpy_step}
+
+
+def register_step_backend(name: str, factory: Callable[[dict], Step]) -> None:
+    """A compiled training step (e.g. ``targets.<t>.train_step``) slots in here."""
+    STEP_BACKENDS[name] = factory
+
+
+def select_step(manifest: dict, backend: str = "auto") -> tuple[str, Step]:
+    if backend == "auto":
+        for target in (manifest.get("targets") or {}).values():
+            kind = isinstance(target, dict) and (target.get("train_step") or {}).get("backend")
+            if kind and kind in STEP_BACKENDS:
+                return kind, STEP_BACKENDS[kind](manifest)
+        backend = "numpy"
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"unknown step backend {backend!r}; have {', '.join(STEP_BACKENDS)}")
+    return backend, STEP_BACKENDS[backend](manifest)
+
+
+# ------------------------------------------------------------------ the loop
+def run(p: Problem, s: State, step: Step, *, out_of_energy: Callable[[], bool],
+        on_step: Callable[[State, float], None] | None = None) -> bool:
+    """Train from ``s.pos`` to the end (True), or until energy runs out (False)."""
+    per_epoch = p.batches_per_epoch()
+    pos = s.pos
+    while pos["phase"] < len(p.phases):
+        if "order" not in s.arrays:
+            s.arrays["order"] = p.order(pos["phase"], pos["epoch"]).astype(np.int64)
+        order = s.arrays["order"]
+        i = pos["batch"]
+        loss = step(p, s, order[i * p.bs : (i + 1) * p.bs], None)
+        pos["steps"] += 1
+        pos["batch"] += 1
+        if pos["batch"] >= per_epoch:
+            pos["batch"] = 0
+            pos["epoch"] += 1
+            del s.arrays["order"]
+            if pos["epoch"] >= p.phases[pos["phase"]]:
+                pos["epoch"] = 0
+                pos["phase"] += 1
+                pos["adam"] = 0
+                if p.method == "packnet" and pos["phase"] == 1:
+                    p.prune(s)
+        if on_step is not None:
+            on_step(s, loss)
+        if pos["phase"] >= len(p.phases):
+            return True
+        if out_of_energy():
+            return False
+    return True
+
+
+def save_checkpoint(path: Path, s: State, meta: dict) -> None:
+    arrays = {k: np.ascontiguousarray(v) for k, v in s.arrays.items()}
+    data = st_save(arrays, metadata={"edgecl": "learn-checkpoint",
+                                      "meta": json.dumps(meta, sort_keys=True),
+                                      "pos": json.dumps(s.pos, sort_keys=True)})
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: Path) -> tuple[State, dict]:
+    raw = path.read_bytes()
+    arrays = st_load(raw)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    md = header["__metadata__"]
+    return State({k: np.array(v) for k, v in arrays.items()}, json.loads(md["pos"])), json.loads(md["meta"])
