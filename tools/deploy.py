@@ -108,6 +108,8 @@ class Remote:
             raise DeployError(f"--to {self.url!r}: bad port") from None
         self.user = u.username or os.environ.get("USER", "root")
         self.host = u.hostname
+        if self.identity is not None:
+            self.identity = str(self.identity)
         if self.identity is not None and not Path(self.identity).is_file():
             raise DeployError(f"--identity {self.identity}: no such key file")
         if self.known_hosts is None:

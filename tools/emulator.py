@@ -311,6 +311,7 @@ class Emulator:
             f"mount -t proc proc {merged}/proc; "
             f"mount --bind {merged}/etc/edgecl-cpuinfo-{self.qemu_cpu} {merged}/proc/cpuinfo; "
             f"mount --rbind /dev {merged}/dev; "
+            f"mkdir -p {merged}/sys && mount --rbind /sys {merged}/sys || true; "
             f"mount -t tmpfs -o size=256m tmpfs {merged}/tmp; chmod 1777 {merged}/tmp; "
             f"{small}"
             f"exec chroot {merged} /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config "
@@ -378,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emulator: error: {e}", file=sys.stderr)
         return 2
     print(f"{emu.url}  (identity {emu.identity}; Ctrl-C stops)", flush=True)
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while emu.proc.poll() is None:
             time.sleep(1)
