@@ -413,15 +413,33 @@ def build_library(bundle: Bundle, target_name: str, tune_trials: int = 0, batche
     return data, entry
 
 
+def build_train_step(bundle: Bundle, target_name: str, log=print) -> tuple[bytes | None, dict]:
+    """The training step library (``compiler/tvm_train.py``), or (None, why it is missing)."""
+    from edgecl.compiler.tvm_train import compile_train_step
+
+    try:
+        return compile_train_step(bundle.model, target_name, head_rows_for(bundle), log=log)
+    except Exception as e:  # an op without a gradient, a toolchain problem: ship the forward
+        return None, {"status": f"not built: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
 def compile_bundle(bundle_dir: str | Path, target: str = "host", tune_trials: int = 0,
-                   log=print) -> int:
-    """Add ``target``'s compiled forward pass to the bundle as a new version; returns it."""
+                   log=print, train: bool = True) -> int:
+    """Add ``target``'s compiled forward pass (and, with ``train``, its training step:
+    ``targets.<target>.train_step``) to the bundle as a new version; returns it."""
     root = Path(bundle_dir)
     bundle = Bundle.open(root)
     data, entry = build_library(bundle, target, tune_trials, log=log)
     rel = f"targets/{target}/forward-{hashlib.sha256(data).hexdigest()[:16]}.so"
     entry = dict(entry, file=rel)
     files = {rel: data}
+    if train:
+        tdata, tentry = build_train_step(bundle, target, log=log)
+        if tdata is not None:
+            trel = f"targets/{target}/train-{hashlib.sha256(tdata).hexdigest()[:16]}.so"
+            files[trel] = tdata
+            tentry = dict(tentry, file=trel)
+        entry["train_step"] = tentry
     cuda_data, cuda = build_cuda(bundle, target, entry["schedule"], entry["layout"]["head_rows"],
                                  entry["layout"]["batches"], log=log)
     if cuda_data is not None:
@@ -437,9 +455,10 @@ def compile_bundle(bundle_dir: str | Path, target: str = "host", tune_trials: in
         for key in ("file",):
             if old and old.get(key) not in files:
                 manifest["files"].pop(old[key], None)
-        old_cuda = (old or {}).get("cuda") or {}
-        if old_cuda.get("file") and old_cuda["file"] not in files:
-            manifest["files"].pop(old_cuda["file"], None)
+        for sub in ("cuda", "train_step"):
+            old_sub = (old or {}).get(sub) or {}
+            if old_sub.get("file") and old_sub["file"] not in files:
+                manifest["files"].pop(old_sub["file"], None)
         manifest.setdefault("targets", {})[target] = entry
 
     return commit_files(root, files, update)

@@ -1,0 +1,166 @@
+"""A compiled training step (forward + backward of the masked model) per architecture.
+
+Built from the layer table as a Relax function, differentiated by
+``relax.transform.Gradient`` and compiled for a target like the forward library; the
+device runs it with the TVM runtime only (``runtime/backends/tvm_train.py``).
+
+The compiled function ``train_step`` (one static batch size ``B``, the head padded to
+``head_rows`` like the forward library) takes, all float32::
+
+    x        [B, *input_shape]         the batch (rows beyond the real ones: zeros)
+    y        [B, head_rows]            label weights: one-hot / n for the n real rows,
+                                       zero rows for padding, zero columns past the classes
+    for every linear/conv2d layer in table order:
+      <name>.weight  W_eff = W ⊙ M     [out, in] / [O, C, kh, kw]  (PyTorch layout)
+      <name>.bias    (if the layer has one)
+    head.weight [head_rows, F]         the task's head, zero rows past its classes
+    head.bias   [head_rows]            its bias, PAD_LOGIT (-1e9) past its classes
+
+and returns ``((loss, logits), (dL/d<every weight input above, same order>))`` where
+``loss = -sum(y ⊙ log_softmax(logits))`` — the mean softmax cross-entropy over the real
+rows — and ``logits`` ``[B, head_rows]``. The gradients are with respect to the
+*effective* weights ``W_eff``: a method turns them into its own update (PackNet:
+``dL/dW_eff ⊙ free``; SupSup / Piggyback scores by straight-through:
+``dL/dW_eff ⊙ W``; HAT: gate the rows by the cumulative unit mask). Padded head rows get
+exactly zero gradient, padded batch rows contribute nothing, so batches of any size are
+zero-padded to ``B`` (or cut into chunks of ``B`` whose gradients add up).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from edgecl.compiler import targets as tg
+
+TRAIN_BATCH = 32
+PAD_LOGIT = -1e9
+FUNCTION = "train_step"
+
+
+def param_names(layers: Sequence[Mapping]) -> list[str]:
+    """The weight inputs of ``train_step`` (and its gradients), in order."""
+    names = []
+    for layer in layers:
+        if layer["op"] in ("linear", "conv2d"):
+            names.append(f"{layer['name']}.weight")
+            if layer.get("bias", True):
+                names.append(f"{layer['name']}.bias")
+    return names + ["head.weight", "head.bias"]
+
+
+def build_relax(model: Mapping, batch: int, head_rows: int):
+    """An IRModule whose ``train_step`` is the loss function (before differentiation)."""
+    from tvm import relax
+    from tvm.relax.op import add, matmul, maximum, multiply, negative, permute_dims, reshape, sum
+    from tvm.relax.op.nn import conv2d, log_softmax, max_pool2d
+
+    def tensor(name, shape):
+        return relax.Var(name, relax.TensorType([int(s) for s in shape], "float32"))
+
+    layers = model["layers"]
+    in_shape = [int(s) for s in model["input_shape"]]
+    x = tensor("x", [batch, *in_shape])
+    y = tensor("y", [batch, head_rows])
+    bb = relax.BlockBuilder()
+    weights = []
+    for layer in layers:
+        if layer["op"] == "linear":
+            weights.append((f"{layer['name']}.weight", [layer["out_features"], layer["in_features"]]))
+        elif layer["op"] == "conv2d":
+            k = layer["kernel_size"]
+            weights.append((f"{layer['name']}.weight", [layer["out_channels"], layer["in_channels"], k, k]))
+        else:
+            continue
+        if layer.get("bias", True):
+            weights.append((f"{layer['name']}.bias", [weights[-1][1][0]]))
+    feat = int(model["feature_dim"])
+    weights += [("head.weight", [head_rows, feat]), ("head.bias", [head_rows])]
+    vars_ = {name: tensor(name, s) for name, s in weights}
+    params = [x, y, *vars_.values()]
+    zero = relax.const(0.0, "float32")
+    with bb.function(FUNCTION, params):
+        with bb.dataflow():
+            h = x
+            for layer in layers:
+                op = layer["op"]
+                if op == "linear":
+                    h = bb.emit(matmul(h, permute_dims(vars_[f"{layer['name']}.weight"])))
+                    if layer.get("bias", True):
+                        h = bb.emit(add(h, vars_[f"{layer['name']}.bias"]))
+                elif op == "conv2d":
+                    s, p = int(layer.get("stride", 1)), int(layer.get("padding", 0))
+                    h = bb.emit(conv2d(h, vars_[f"{layer['name']}.weight"], strides=s, padding=p))
+                    if layer.get("bias", True):
+                        b = reshape(vars_[f"{layer['name']}.bias"], [1, -1, 1, 1])
+                        h = bb.emit(add(h, b))
+                elif op == "relu":
+                    # maximum(0, h), not relu(h): Relax's relu gradient passes the gradient
+                    # at h == 0 (where(h < 0, 0, g)); PyTorch's and this one's do not. A unit
+                    # switched off by a mask sits exactly at 0, so this is not a corner case.
+                    h = bb.emit(maximum(zero, h))
+                elif op == "maxpool2d":
+                    k = int(layer["kernel_size"])
+                    h = bb.emit(max_pool2d(h, pool_size=k, strides=k))
+                elif op == "flatten":
+                    h = bb.emit(reshape(h, [batch, -1]))
+                else:
+                    raise ValueError(f"layer table: unknown op {op!r}")
+            logits = bb.emit(add(matmul(h, permute_dims(vars_["head.weight"])), vars_["head.bias"]))
+            loss = bb.emit_output(negative(sum(multiply(y, log_softmax(logits)))))
+            logits = bb.emit_output(logits)
+        # a literal tuple (not a bound one): Gradient picks element 0 as its target
+        bb.emit_func_output(relax.Tuple([loss, logits]))
+    return bb.get(), list(params[2:])
+
+
+def build_train_module(model: Mapping, batch: int, head_rows: int):
+    """The differentiated module: ``train_step`` returns (loss, logits), gradients."""
+    from tvm import relax
+
+    mod, weight_vars = build_relax(model, batch, head_rows)
+    mod = relax.transform.Gradient(FUNCTION, require_grads=weight_vars, target_index=0)(mod)
+    adj = mod[FUNCTION + "_adjoint"]
+    # ship only the adjoint, under the plain name
+    out = type(mod)({})
+    out[FUNCTION] = adj.with_attr("global_symbol", FUNCTION)
+    return out
+
+
+def compile_train_step(model: Mapping, target_name: str, head_rows: int, batch: int = TRAIN_BATCH,
+                       log=print) -> tuple[bytes, dict]:
+    """The exported library bytes and the manifest entry ``targets.<t>.train_step``."""
+    import tvm
+    from tvm import relax
+
+    target = tg.cpu_target(target_name)
+    t0 = time.perf_counter()
+    mod = build_train_module(model, batch, head_rows)
+    mod = relax.transform.LegalizeOps()(mod)
+    ex = tvm.compile(mod, target=tvm.target.Target(target))
+    cross = tg.cross_compiler(target_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.so"
+        if cross is None:
+            ex.export_library(str(path))
+        else:
+            from tvm.support import cc
+
+            ex.export_library(str(path), fcompile=cc.cross_compiler(cross))
+        data = path.read_bytes()
+    log(f"{target_name}: train step built in {time.perf_counter() - t0:.1f} s ({len(data)} bytes)")
+    entry = {
+        "function": FUNCTION,
+        "kind": "relax-vm",
+        "batch": int(batch),
+        "head_rows": int(head_rows),
+        "pad_logit": PAD_LOGIT,
+        "inputs": ["x", "y", *param_names(model["layers"])],
+        "outputs": {"loss": "-sum(y * log_softmax(logits)) (y = one-hot / n)",
+                    "logits": [int(batch), int(head_rows)],
+                    "grads": [f"d_{n}" for n in param_names(model["layers"])]},
+        "gradients_of": "effective weights W_eff = W * M, biases and head (PyTorch layouts)",
+    }
+    return data, entry
