@@ -60,6 +60,10 @@ class ForgettingError(LearnError):
 def _child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB glibc arenas in the address space
+    # One BLAS thread: the layers are small (threads cost more than they give, and spin
+    # against other work on a busy device); also a smaller, steadier baseline address space.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     return env
 
 
