@@ -11,4 +11,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel >/dev/null
 # The aarch64 cross toolchain (apt) for rpi4/rpi5/jetson-orin libraries.
 bash scripts/install_toolchains.sh
-.venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,bench]"
+.venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,tflite,bench]"

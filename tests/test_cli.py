@@ -11,7 +11,8 @@ import pytest
 
 from edgecl.tools.cli import main
 
-COMMANDS = ["train", "bundle", "eval", "infer", "inspect", "demo"]
+COMMANDS = ["train", "bundle", "eval", "infer", "inspect", "compile", "bench", "learn", "deploy",
+            "device-test", "demo"]
 
 
 def test_console_script_help():
@@ -102,7 +103,7 @@ def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
     assert main(["train", "--data", "split-digits", "--method", "packnet", "--out", str(run),
                  "--tasks", "3"]) == 0
     assert main(["bundle", str(run), "--out", str(bundle)]) == 0
-    assert "wrote version(s) 4, 5" in capsys.readouterr().out
+    assert "wrote version(s) 5, 6" in capsys.readouterr().out
     assert "holds a run of" in _err(["train", "--data", "split-digits", "--method", "hat",
                                      "--out", str(run)], capsys)
 

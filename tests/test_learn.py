@@ -363,3 +363,33 @@ def test_learner_runs_with_torch_blocked(four, digits, tmp_path):
                          text=True, cwd=tmp_path)
     assert chk.returncode != 0 and "blocked" in chk.stderr
     assert Bundle.open(bundle).task_names[-1] == "digits-8-9"
+
+
+# ------------------------------------------------------------------ the compiled TVM step
+@pytest.mark.slow
+def test_tvm_train_step_is_used_and_agrees_with_the_numpy_path(four, digits, tmp_path):
+    """With a compiled training step in the bundle, learn uses it; the task it learns is the
+    one the numpy path learns (same seed, same data order)."""
+    from edgecl.compiler.tvm_build import compile_bundle
+
+    a = four("supsup")
+    compile_bundle(a, "host")  # forward + train step for this machine
+    assert Bundle.open(a).manifest["targets"]["host"]["train_step"]["file"]
+    b = tmp_path / "numpy-copy"
+    shutil.copytree(a, b)
+    samples = _samples(tmp_path, digits.tasks[4])
+    kw = {"method": "supsup", "epochs": 3, "seed": 0, "holdout": 0.0, "quiet": True, "routers": False}
+    r_tvm = learn(a, "digits-8-9", samples, step_backend="auto", **kw)
+    r_np = learn(b, "digits-8-9", samples, step_backend="numpy", **kw)
+    assert r_tvm["step_backend"] == "tvm" and r_np["step_backend"] == "numpy"
+    assert r_tvm["steps"] == r_np["steps"] > 0
+    ta, tb = Bundle.open(a).task_tensors("digits-8-9"), Bundle.open(b).task_tensors("digits-8-9")
+    for key in ta:
+        if key.startswith("mask."):  # supermask bits: the same top-k, up to rare ties
+            same = np.unpackbits(ta[key]) == np.unpackbits(tb[key])
+            assert same.mean() >= 0.999, key
+        else:
+            np.testing.assert_allclose(ta[key], tb[key], atol=1e-4, rtol=0)
+    x = digits.tasks[4].x_test.reshape(-1, 64)
+    np.testing.assert_allclose(Runtime(a).logits(x, "digits-8-9"), Runtime(b).logits(x, "digits-8-9"),
+                               atol=1e-3, rtol=0)

@@ -53,13 +53,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     from edgecl.compiler.from_run import bundle_run
+    from edgecl.compiler.golden import ensure_golden
 
     versions = bundle_run(args.run_dir, args.out)
     if versions:
         print(f"{args.out}: wrote version(s) {', '.join(map(str, versions))}")
     else:
         print(f"{args.out}: already holds every task of {args.run_dir}; nothing written")
+    _golden(args.out, ensure_golden)
     return 0
+
+
+def _golden(bundle: str, ensure_golden) -> None:
+    version = ensure_golden(bundle)
+    if version is not None:
+        print(f"{bundle}: version {version}: golden outputs for device_tests")
 
 
 def _eval_stream(spec: dict | None, data: str, seed: int | None):
@@ -220,8 +228,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     entry = Bundle.open(args.bundle).manifest["targets"][args.target]
     print(f"{args.bundle}: version {version}: {args.target} -> {entry['file']} "
           f"(TVM {entry['tvm_version']}, {'tuned' if entry['tuned'] else 'default schedule'})")
-    if not Bundle.open(args.bundle).manifest.get("exports", {}).get("onnx"):
+    from edgecl.compiler import tflite_export
+    from edgecl.compiler.golden import ensure_golden
+
+    exports = Bundle.open(args.bundle).manifest.get("exports", {})
+    if not exports.get("onnx"):
         print(f"{args.bundle}: version {export_bundle(args.bundle)}: ONNX graphs for onnxruntime")
+    if not exports.get("tflite"):
+        print(f"{args.bundle}: version {tflite_export.export_bundle(args.bundle)}: TFLite models")
+    _golden(args.bundle, ensure_golden)
     return 0
 
 
@@ -231,10 +246,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_kernel_bench(args.json)
         return 0
+    if args.bundle == "learn":
+        from .bench_learn import run_learn_bench
+
+        run_learn_bench(args.json)
+        return 0
     from . import bench
 
     if not Path(args.bundle).is_dir():
-        raise EdgeclError(f"{args.bundle}: no such bundle directory (or say 'kernels')")
+        raise EdgeclError(f"{args.bundle}: no such bundle directory (or say 'kernels' or 'learn')")
     return bench.main(args)
 
 
@@ -299,10 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    k = sub.add_parser("bench", help="benchmark backends side by side ('edgecl bench kernels': "
-                                     "the C kernels against numpy)")
+    k = sub.add_parser("bench", help="benchmark backends side by side; 'edgecl bench kernels': "
+                                     "the C kernels against numpy; 'edgecl bench learn': the "
+                                     "device learner against PyTorch")
     bench.add_arguments(k)
     k.set_defaults(func=cmd_bench)
+
+    from . import deploy, device_test_cmd, learn_cmd
+
+    lp = sub.add_parser("learn", help="learn a new task on the device (numpy + C kernels, no torch) "
+                                      "under a RAM and an energy budget")
+    learn_cmd.add_arguments(lp)
+    lp.set_defaults(func=learn_cmd.main)
+
+    dp = sub.add_parser("deploy", help="install a bundle and the runtime on a Pi or a Jetson over ssh")
+    deploy.add_arguments(dp)
+    dp.set_defaults(func=deploy.main)
+
+    tp = sub.add_parser("device-test", help="run device_tests on a deployed device; results as JSON")
+    device_test_cmd.add_arguments(tp)
+    tp.set_defaults(func=device_test_cmd.main)
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
     d.add_argument("--out", default="demo-out", help="where runs and bundles go")

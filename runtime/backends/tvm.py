@@ -66,11 +66,17 @@ def _pick_target(bundle, target: str | None) -> str | None:
     targets = bundle.manifest.get("targets", {})
     if target is not None:
         return target if target in targets else None
+    from .. import profiles
+
     machine = platform.machine()
     if "host" in targets and targets["host"].get("machine") == machine:
         return "host"
-    for name, entry in sorted(targets.items()):
-        if entry.get("machine") == machine:
+    # The library built for *this* board: another aarch64 target's code may use
+    # instructions this CPU lacks (jetson-orin's dotprod on a Pi 4).
+    here = profiles.identify(profiles.detect())
+    if here in profiles.PROFILES:
+        name = profiles.get(here).tvm_target
+        if targets.get(name, {}).get("machine") == machine:
             return name
     return None
 

@@ -67,7 +67,7 @@ def main(job_dir: Path) -> int:
         source = bundle.task_tensors(job["source_task"]) if job["method"] == "head" else None
         prob = trainer.Problem(bundle.model, bundle.backbone, old, x, y, job["n_classes"], job["method"],
                                job["hp"], job["batch_size"], job["seed"], source)
-        backend, step = trainer.select_step(bundle.manifest, job.get("step_backend", "auto"))
+        backend, step = trainer.select_step(bundle, job.get("step_backend", "auto"))
         ckpt = Path(job["checkpoint"])
         if job["resume"]:
             state, meta = trainer.load_checkpoint(ckpt)

@@ -7,10 +7,9 @@ stored in the checkpoint along with every array, so a resumed run takes exactly 
 steps an uninterrupted one takes.
 
 The step function is pluggable (:data:`STEP_BACKENDS`): ``numpy`` runs forward and
-backward with :mod:`.train_numpy` and updates with the masked C kernels
-(``masked_adam_``; ``materialize_bits`` for the supermask). A compiled training step
-(the manifest's ``targets.<t>.train_step``, e.g. a TVM library) registers itself under
-another name with :func:`register_step_backend` and takes the same arguments.
+backward with :mod:`.train_numpy`; ``tvm`` takes loss and dL/dW_eff from the bundle's
+compiled training step (``targets.<t>.train_step``, see docs/compiler.md). Both update
+with the masked C kernels (``masked_adam_``; ``materialize_bits`` for the supermask).
 """
 
 from __future__ import annotations
@@ -200,32 +199,23 @@ def _adam(a: dict, key: str, grad: np.ndarray, bits: np.ndarray, lr: float, t: i
     kernels.masked_adam_(a[key], _f32(grad), a[f"m.{key}"], a[f"v.{key}"], bits, lr, t)
 
 
-def numpy_step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
-    """One masked update on the samples ``idx``; returns the loss."""
-    a, pos = s.arrays, s.pos
-    pos["adam"] += 1
-    t, lr = pos["adam"], float(p.hp["lr"])
-    y = p.y[idx]
-    head = (a["head.weight"], a["head.bias"])
-    if p.method == "head":
-        feats = p.features()[idx]
-        logits = feats @ head[0].T + head[1]
-        loss, g = T.cross_entropy(logits, y)
-        _adam(a, "head.weight", g.T @ feats, a["all.head.weight"], lr, t)
-        _adam(a, "head.bias", g.sum(axis=0), a["all.head.bias"], lr, t)
-        return loss
-    x = p.x[idx]
+def _step_params(p: Problem, s: State) -> dict:
+    """The weights the step runs with: the supermask's materialized weights, or the
+    trainable weights (PackNet)."""
     params = {}
     for n in p.names:
         b = p.backbone.get(f"{n}.bias")
         if p.method == "supsup":
-            bits = topk_bits(a[f"scores.{n}"], float(p.hp["density"]))
+            bits = topk_bits(s.arrays[f"scores.{n}"], float(p.hp["density"]))
             params[n] = (materialize_bits(p.backbone[f"{n}.weight"], bits), b)
         else:
-            params[n] = (a[f"weight.{n}"], b)
-    logits, cache = T.forward(p.layers, params, head, x)
-    loss, g = T.cross_entropy(logits, y)
-    gw, _, ghw, ghb = T.backward(p.layers, params, head, cache, g, set(p.trainable))
+            params[n] = (s.arrays[f"weight.{n}"], b)
+    return params
+
+
+def _apply(p: Problem, s: State, gw: dict, ghw: np.ndarray, ghb: np.ndarray) -> None:
+    """The masked Adam updates from dL/dW_eff (per trainable layer) and the head's gradients."""
+    a, t, lr = s.arrays, s.pos["adam"], float(p.hp["lr"])
     for n in p.trainable:
         if p.method == "supsup":  # straight-through: d(w*m)/dm = w goes to the scores
             key, grad = f"scores.{n}", gw[n] * p.backbone[f"{n}.weight"]
@@ -234,27 +224,77 @@ def numpy_step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None
             _adam(a, f"weight.{n}", gw[n], a[f"free.{n}"], lr, t)
     _adam(a, "head.weight", ghw, a["all.head.weight"], lr, t)
     _adam(a, "head.bias", ghb, a["all.head.bias"], lr, t)
+
+
+def _head_step(p: Problem, s: State, idx: np.ndarray) -> float:
+    a, t, lr = s.arrays, s.pos["adam"], float(p.hp["lr"])
+    feats = p.features()[idx]
+    logits = feats @ a["head.weight"].T + a["head.bias"]
+    loss, g = T.cross_entropy(logits, p.y[idx])
+    _adam(a, "head.weight", g.T @ feats, a["all.head.weight"], lr, t)
+    _adam(a, "head.bias", g.sum(axis=0), a["all.head.bias"], lr, t)
     return loss
 
 
-STEP_BACKENDS: dict[str, Callable[[dict], Step]] = {"numpy": lambda manifest: numpy_step}
+def numpy_step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
+    """One masked update on the samples ``idx``; returns the loss."""
+    s.pos["adam"] += 1
+    if p.method == "head":
+        return _head_step(p, s, idx)
+    params = _step_params(p, s)
+    head = (s.arrays["head.weight"], s.arrays["head.bias"])
+    logits, cache = T.forward(p.layers, params, head, p.x[idx])
+    loss, g = T.cross_entropy(logits, p.y[idx])
+    gw, _, ghw, ghb = T.backward(p.layers, params, head, cache, g, set(p.trainable))
+    _apply(p, s, gw, ghw, ghb)
+    return loss
 
 
-def register_step_backend(name: str, factory: Callable[[dict], Step]) -> None:
-    """A compiled training step (e.g. ``targets.<t>.train_step``) slots in here."""
+def tvm_step_factory(bundle) -> Step:
+    """The bundle's compiled TVM training step (``targets.<t>.train_step``) for this
+    machine: loss and dL/dW_eff come from the library, the masked updates stay the
+    C kernels'. The head-only mode needs no backbone gradient and stays in numpy."""
+    from ..backends.tvm_train import load_train_step
+
+    train_step = load_train_step(bundle)
+
+    def step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
+        s.pos["adam"] += 1
+        if p.method == "head":
+            return _head_step(p, s, idx)
+        params = _step_params(p, s)
+        head = (s.arrays["head.weight"], s.arrays["head.bias"])
+        loss, grads = train_step(p.x[idx], p.y[idx], params, head)
+        gw = {n: grads[f"{n}.weight"] for n in p.trainable}
+        _apply(p, s, gw, grads["head.weight"], grads["head.bias"])
+        return loss
+
+    return step
+
+
+# name -> factory(bundle) -> step; "auto" takes the bundle's compiled step for this
+# machine when it has one and the TVM runtime loads, else numpy.
+STEP_BACKENDS: dict[str, Callable[[object], Step]] = {"numpy": lambda bundle: numpy_step,
+                                                      "tvm": tvm_step_factory}
+
+
+def register_step_backend(name: str, factory: Callable[[object], Step]) -> None:
+    """Another compiled training step slots in here: ``factory(bundle) -> step``."""
     STEP_BACKENDS[name] = factory
 
 
-def select_step(manifest: dict, backend: str = "auto") -> tuple[str, Step]:
+def select_step(bundle, backend: str = "auto") -> tuple[str, Step]:
+    """(name, step) for ``backend``; ``auto``: ``tvm`` if usable for this bundle, else numpy."""
     if backend == "auto":
-        for target in (manifest.get("targets") or {}).values():
-            kind = isinstance(target, dict) and (target.get("train_step") or {}).get("backend")
-            if kind and kind in STEP_BACKENDS:
-                return kind, STEP_BACKENDS[kind](manifest)
-        backend = "numpy"
+        from ..backends import BackendUnavailable
+
+        try:
+            return "tvm", tvm_step_factory(bundle)
+        except (BackendUnavailable, OSError, ImportError):
+            return "numpy", numpy_step
     if backend not in STEP_BACKENDS:
         raise ValueError(f"unknown step backend {backend!r}; have {', '.join(STEP_BACKENDS)}")
-    return backend, STEP_BACKENDS[backend](manifest)
+    return backend, STEP_BACKENDS[backend](bundle)
 
 
 # ------------------------------------------------------------------ the loop
