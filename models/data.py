@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.runtime.errors import EdgeclError
+from edgecl.runtime.samples import read_labelled_npz
 
 STREAMS = ("split-digits", "permuted-digits")
 
@@ -114,27 +115,9 @@ def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.25,
     ``x`` of uint8 is scaled to [0, 1]; [N, H, W] images get a channel axis.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"{path}: missing array {key!r} (has: {', '.join(arrays) or 'none'})")
-    x, y = arrays["x"], arrays["y"]
-    if len(x) != len(y) or len(x) == 0:
-        raise DataError(f"{path}: x has {len(x)} rows and y has {len(y)}; need the same, > 0")
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    x, y, arrays = read_labelled_npz(path, DataError)
     if x.ndim == 3:
         x = x[:, None]
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: x holds NaN or infinite values")
-    y = y.astype(np.int64)
     if "task" in arrays:
         tid = arrays["task"]
         if tid.shape != y.shape:

@@ -35,6 +35,7 @@ from ..bundle import Bundle
 from ..bundle_format import MANIFEST
 from ..bundle_write import commit, safe_name
 from ..errors import EdgeclError
+from ..samples import read_labelled_npz
 from ..session import Runtime
 from . import planner, trainer
 from .layers import weighted
@@ -78,26 +79,10 @@ def baseline_address_space() -> int:
 
 def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise LearnError(f"{path}: no such file") from None
-    except Exception as e:
-        raise LearnError(f"{path}: not a readable .npz file ({e})") from e
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise LearnError(f"{path}: missing array {key!r} (has: {', '.join(arrays) or 'none'})")
-    x, y = arrays["x"], arrays["y"]
-    if y.ndim != 1 or y.dtype.kind not in "iu" or len(x) != len(y) or len(y) == 0:
-        raise LearnError(f"{path}: need x [N, ...] and y [N] integer labels, "
-                         f"got {x.shape}, {y.dtype} {y.shape}")
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    x, y, _ = read_labelled_npz(path, LearnError)
     if int(np.prod(x.shape[1:])) != int(np.prod(input_shape)):
         raise LearnError(f"{path}: samples of shape {x.shape[1:]} do not fit the model's input {input_shape}")
     x = np.ascontiguousarray(x.reshape(len(x), *input_shape))
-    if not np.isfinite(x).all():
-        raise LearnError(f"{path}: x holds NaN or infinite values")
     classes = sorted(int(c) for c in np.unique(y))
     if len(classes) < 2:
         raise LearnError(f"{path}: a task needs at least 2 classes, y holds {classes}")
