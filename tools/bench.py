@@ -177,7 +177,16 @@ def run_bench(bundle_dir, backends=None, batches=(1, 32), json_path=None, plot_p
                          "task_switch_s": res["task_switch_s"],
                          "task_switch_us_per_mweight": res["task_switch_s"] * 1e6 / (n_weights / 1e6),
                          "peak_rss_bytes": res["peak_rss_bytes"]})
+    router = router_times(bundle, list(batches), iters)
+    for r in rows:
+        if router is not None:
+            r["router"], r["router_s"] = router["name"], router["s"][r["batch"]]
+            r["router_share"] = r["router_s"] / r["p50_s"]
     log(table(rows))
+    if router is not None:
+        log(f"router {router['name']}: " + ", ".join(
+            f"{router['s'][b] * 1e6:.1f} us at batch {b}" for b in batches)
+            + " (numpy; 'router %' = its time as a share of that backend's inference)")
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     if plot_path and rows:
@@ -185,10 +194,35 @@ def run_bench(bundle_dir, backends=None, batches=(1, 32), json_path=None, plot_p
     return rows
 
 
+def router_times(bundle, batches: list[int], iters: int) -> dict | None:
+    """Median time of the bundle's default router deciding a batch (None: no router)."""
+    from edgecl.runtime.routers.store import load_router
+    from edgecl.runtime.session import Runtime
+
+    if not bundle.manifest.get("default_router"):
+        return None
+    rt = Runtime(bundle)
+    router = load_router(bundle)
+    shape = tuple(bundle.model["input_shape"])
+    out = {}
+    for b in batches:
+        x = np.random.default_rng(1).random((b, *shape), dtype=np.float32)
+        n = max(20, iters // b)
+        router.decide(rt, x)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            router.decide(rt, x)
+            times.append(time.perf_counter() - t)
+        out[b] = float(np.median(times))
+    return {"name": router.name, "s": out}
+
+
 def table(rows: list[dict]) -> str:
     ref = {r["batch"]: r for r in rows if r["backend"] == "onnxruntime"}
     head = (f"{'backend':>12} {'batch':>5} {'p50 us':>9} {'p99 us':>9} {'x ORT p50':>9} "
-            f"{'samples/s':>11} {'cold ms':>8} {'switch us':>10} {'us/Mweight':>10} {'RSS MiB':>8}")
+            f"{'samples/s':>11} {'cold ms':>8} {'switch us':>10} {'us/Mweight':>10} {'RSS MiB':>8} "
+            f"{'router %':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         base = ref.get(r["batch"])
@@ -196,7 +230,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['backend']:>12} {r['batch']:>5} {r['p50_s'] * 1e6:>9.1f} {r['p99_s'] * 1e6:>9.1f} "
                      f"{ratio:>9} {r['throughput_per_s']:>11,.0f} {r['cold_load_s'] * 1e3:>8.0f} "
                      f"{r['task_switch_s'] * 1e6:>10.0f} {r['task_switch_us_per_mweight']:>10.0f} "
-                     f"{r['peak_rss_bytes'] / 2**20:>8.0f}")
+                     f"{r['peak_rss_bytes'] / 2**20:>8.0f} "
+                     f"{(str(round(100 * r['router_share'])) if 'router_share' in r else '-'):>8}")
     lines.append("x ORT p50: latency relative to onnxruntime at the same batch (lower is faster)")
     return "\n".join(lines)
 
