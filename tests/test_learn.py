@@ -393,3 +393,67 @@ def test_tvm_train_step_is_used_and_agrees_with_the_numpy_path(four, digits, tmp
     x = digits.tasks[4].x_test.reshape(-1, 64)
     np.testing.assert_allclose(Runtime(a).logits(x, "digits-8-9"), Runtime(b).logits(x, "digits-8-9"),
                                atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------ supsup's top-k
+def _reference_topk(flat: np.ndarray, k: int) -> np.ndarray:
+    """The top-k the straightforward way: a stable sort, descending, lowest index first
+    among equal scores."""
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    return keep
+
+
+def test_incremental_topk_is_exactly_the_top_k_under_any_moves():
+    from edgecl.runtime.learn.trainer import TopK, kth_largest, topk_mask
+
+    rng = np.random.default_rng(0)
+    for size, density in [(65536, 0.5), (16384, 0.5), (1000, 0.3), (7, 0.5), (1, 0.5)]:
+        flat = rng.uniform(-0.15, 0.15, size).astype(np.float32)
+        tk = TopK(size, density)
+        for step in range(60):
+            # small Adam-like moves, occasional large jumps, a shift of everything, ties
+            kind = step % 6
+            if kind == 3:
+                flat += np.float32(rng.uniform(-0.05, 0.05))
+            elif kind == 4:
+                flat[rng.integers(0, size, max(1, size // 10))] = np.float32(rng.uniform(-1, 1))
+            elif kind == 5:
+                flat[rng.integers(0, size, max(1, size // 3))] = flat[rng.integers(0, size)]
+            else:
+                flat += (rng.standard_normal(size) * 1e-3).astype(np.float32)
+            thr = tk.threshold(flat)
+            assert thr == kth_largest(flat, tk.k)
+            keep = topk_mask(flat, tk.k, thr)
+            assert int(keep.sum()) == tk.k
+            np.testing.assert_array_equal(keep, _reference_topk(flat, tk.k))
+        if size >= 16384:
+            assert tk.full < 20  # the band finds it most of the time
+
+
+def test_supsup_step_runs_on_the_exact_supermask_of_its_scores():
+    from edgecl.runtime.learn import trainer
+    from edgecl.runtime.masks import materialize_bits
+
+    rng = np.random.default_rng(1)
+    layers = [{"op": "linear", "name": "fc1", "in_features": 16, "out_features": 32, "bias": False},
+              {"op": "relu"},
+              {"op": "linear", "name": "fc2", "in_features": 32, "out_features": 32, "bias": False},
+              {"op": "relu"}]
+    model = {"layers": layers, "input_shape": [16], "feature_dim": 32}
+    backbone = {"fc1.weight": rng.standard_normal((32, 16)).astype(np.float32),
+                "fc2.weight": rng.standard_normal((32, 32)).astype(np.float32)}
+    x, y = rng.random((64, 16), dtype=np.float32), rng.integers(0, 3, 64)
+    hp = dict(trainer.DEFAULTS["supsup"], epochs=1)
+    p = trainer.Problem(model, backbone, [], x, y, 3, "supsup", hp, 16, 0)
+    s = p.initial()
+    for i in range(40):
+        params = trainer._step_params(p, s)
+        for n in p.names:
+            scores = s.arrays[f"scores.{n}"]
+            want = _reference_topk(scores.reshape(-1), trainer.topk_count(scores.size, 0.5))
+            np.testing.assert_array_equal(params[n][0].view(np.uint32), materialize_bits(
+                backbone[f"{n}.weight"], np.packbits(want, bitorder="little")).view(np.uint32))
+            np.testing.assert_array_equal(trainer.topk_bits(scores, 0.5),
+                                          np.packbits(want, bitorder="little"))
+        trainer.numpy_step(p, s, np.arange(i % 4 * 16, i % 4 * 16 + 16))

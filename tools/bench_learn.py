@@ -9,10 +9,12 @@ batch 32): forward, cross-entropy, backward, then a masked Adam step —
   backbone), plus the head.
 
 ``device`` is :func:`edgecl.runtime.learn.trainer.numpy_step` (numpy forward/backward,
-the C kernels' ``masked_adam_`` / ``materialize_bits``), imported without torch.
+the C kernels' ``masked_adam_`` / ``materialize_bits``; SupSup's exact per-layer top-k
+recomputed every step, found incrementally by ``trainer.TopK``), imported without torch.
 ``torch`` is PyTorch eager: autograd, ``torch.optim.Adam``, frozen gradients zeroed and
 owned weights written back after the step (as the host's PackNet does), or the
-straight-through supermask (as the host's SupSup). Each runs in its own fresh process;
+straight-through supermask with a ``torch.topk`` per layer every step (as the host's
+SupSup). Each runs in its own fresh process;
 both sides get the same BLAS/OpenMP thread count (default 1, the learner child's); step
 time is the median of ``steps`` timed steps after warm-up; peak RSS is the
 process's ``VmHWM`` (imports included: what a device would have to hold).

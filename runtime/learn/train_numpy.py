@@ -46,9 +46,8 @@ def forward(layers: Sequence[Mapping], params: Params, head: tuple[np.ndarray, n
             if b is not None:
                 h += b[None, :, None, None]
         elif op == "relu":
-            pos = h > 0
-            cache.append(pos if keep else None)
-            h = np.where(pos, h, np.float32(0))
+            cache.append(h > 0 if keep else None)
+            h = np.maximum(h, 0, out=None if np.may_share_memory(h, x) else h)  # as the executor
         elif op == "maxpool2d":
             k = int(layer["kernel_size"])
             n, c, hh, ww = h.shape
@@ -120,7 +119,7 @@ def backward(layers: Sequence[Mapping], params: Params, head: tuple[np.ndarray, 
                 g = _conv_input_grad(g, w, shape, int(layer.get("stride", 1)),
                                      int(layer.get("padding", 0)))
         elif op == "relu":
-            g = np.where(c, g, np.float32(0))
+            g = np.multiply(g, c, out=g)  # g is this backward's own array
         elif op == "maxpool2d":
             shape, arg = c
             k = int(layer["kernel_size"])

@@ -54,13 +54,88 @@ def _ones_bits(n: int) -> np.ndarray:
     return pack_bits(np.ones(n, dtype=bool))
 
 
+def topk_count(size: int, density: float) -> int:
+    """How many weights SupSup's mask keeps in a layer of ``size``."""
+    return max(1, int(round(size * density)))
+
+
+def kth_largest(flat: np.ndarray, k: int) -> np.float32:
+    """The ``k``-th largest value of ``flat`` (1-based): a full partition."""
+    return flat.dtype.type(np.partition(flat, flat.size - k)[flat.size - k])
+
+
+def topk_mask(flat: np.ndarray, k: int, thr: np.float32 | None = None) -> np.ndarray:
+    """SupSup's mask as a flat bool array: exactly ``k`` entries, every score above the
+    ``k``-th largest value ``thr`` and, among the scores equal to it, the lowest indices.
+    A pure function of the scores (``thr`` only saves finding it again)."""
+    if thr is None:
+        thr = kth_largest(flat, k)
+    keep = flat >= thr
+    extra = int(np.count_nonzero(keep)) - k
+    if extra > 0:  # ties at the threshold: drop the highest-index ones
+        ties = np.flatnonzero(flat == thr)
+        keep[ties[len(ties) - extra:]] = False
+    return keep
+
+
 def topk_bits(scores: np.ndarray, density: float) -> np.ndarray:
     """SupSup's mask: the top ``density`` of a layer's scores, bit-packed."""
     flat = scores.reshape(-1)
-    k = max(1, int(round(flat.size * density)))
-    keep = np.zeros(flat.size, dtype=bool)
-    keep[np.argpartition(-flat, k - 1)[:k]] = True
-    return pack_bits(keep)
+    return pack_bits(topk_mask(flat, topk_count(flat.size, density)))
+
+
+class TopK:
+    """The exact top-k threshold of one layer's scores, found incrementally.
+
+    An optimizer step moves every score a little, so the ``k``-th largest value moves a
+    little: the new one is looked for in a band ``[t - d, t + d]`` around the last one.
+    With ``above`` scores over the band and ``inside`` in it, the threshold lies in the
+    band exactly when ``above < k <= above + inside``, and it is then the
+    ``(k - above)``-th largest of the band (a partition of a few hundred values instead
+    of the whole layer). Otherwise the band widens (x4, twice) and then a full partition
+    runs. The result is the same value a full partition gives, whatever the band; the
+    band's width adapts so that it holds ~``target`` scores and covers the last move."""
+
+    def __init__(self, size: int, density: float) -> None:
+        self.k = topk_count(size, density)
+        self.target = max(64, size // 128)
+        self.thr: np.float32 | None = None
+        self.width = 0.0
+        self.full = 0  # full partitions run (first call, band misses)
+
+    def threshold(self, flat: np.ndarray) -> np.float32:
+        k, f = self.k, flat.dtype.type
+        old = self.thr
+        if old is not None and k < flat.size and self.width > 0:
+            d = self.width
+            for _ in range(3):
+                lo, hi = f(old - d), f(old + d)
+                above = int(np.count_nonzero(flat > hi))
+                if above < k:
+                    band = flat[(flat >= lo) & (flat <= hi)]
+                    r = k - above
+                    if r <= band.size:
+                        thr = f(np.partition(band, band.size - r)[band.size - r])
+                        self._adapt(d, band.size, abs(float(thr) - float(old)))
+                        self.thr = thr
+                        return thr
+                d *= 4.0
+        self.full += 1
+        thr = kth_largest(flat, k)
+        if old is None:  # a first width: the band of ~target scores if they were uniform
+            span = float(flat.max()) - float(flat.min())
+            self.width = max(span * self.target / flat.size, 1e-30)
+        else:
+            self._adapt(self.width * 4.0, self.target, abs(float(thr) - float(old)))
+        self.thr = thr
+        return thr
+
+    def _adapt(self, d: float, inside: int, moved: float) -> None:
+        if inside > 4 * self.target:
+            d *= 0.5
+        elif inside < self.target:
+            d *= 2.0
+        self.width = max(d, 4.0 * moved, 1e-30)
 
 
 class Problem:
@@ -90,6 +165,9 @@ class Problem:
         else:
             self.trainable = list(self.names) if method == "supsup" else []
         self._features = None
+        # step caches (not state: a resumed run rebuilds them and takes the same steps)
+        self.topk: dict[str, TopK] = {}
+        self.buffers: dict[tuple[str, str], np.ndarray] = {}
 
     # -- state ---------------------------------------------------------------
     def initial(self) -> State:
@@ -199,6 +277,24 @@ def _adam(a: dict, key: str, grad: np.ndarray, bits: np.ndarray, lr: float, t: i
     kernels.masked_adam_(a[key], _f32(grad), a[f"m.{key}"], a[f"v.{key}"], bits, lr, t)
 
 
+def _supermask_weight(p: Problem, n: str, scores: np.ndarray) -> np.ndarray:
+    """Layer ``n``'s weight under the current supermask: the exact top-``density``
+    scores (:class:`TopK`), packed and materialized by the kernels (+0.0 where dropped,
+    as the runtime does), into a buffer reused from step to step."""
+    flat = scores.reshape(-1)
+    tk = p.topk.get(n)
+    if tk is None:
+        tk = p.topk[n] = TopK(flat.size, float(p.hp["density"]))
+    bits = kernels.pack(topk_mask(flat, tk.k, tk.threshold(flat)))
+    w = p.backbone[f"{n}.weight"]
+    if w.dtype != np.float32 or not w.flags.c_contiguous:
+        return materialize_bits(w, bits)
+    out = p.buffers.get(("w", n))
+    if out is None:
+        out = p.buffers[("w", n)] = np.empty(w.shape, np.float32)
+    return kernels.materialize_bits(w, bits, out=out)
+
+
 def _step_params(p: Problem, s: State) -> dict:
     """The weights the step runs with: the supermask's materialized weights, or the
     trainable weights (PackNet)."""
@@ -206,8 +302,7 @@ def _step_params(p: Problem, s: State) -> dict:
     for n in p.names:
         b = p.backbone.get(f"{n}.bias")
         if p.method == "supsup":
-            bits = topk_bits(s.arrays[f"scores.{n}"], float(p.hp["density"]))
-            params[n] = (materialize_bits(p.backbone[f"{n}.weight"], bits), b)
+            params[n] = (_supermask_weight(p, n, s.arrays[f"scores.{n}"]), b)
         else:
             params[n] = (s.arrays[f"weight.{n}"], b)
     return params
@@ -218,7 +313,11 @@ def _apply(p: Problem, s: State, gw: dict, ghw: np.ndarray, ghb: np.ndarray) -> 
     a, t, lr = s.arrays, s.pos["adam"], float(p.hp["lr"])
     for n in p.trainable:
         if p.method == "supsup":  # straight-through: d(w*m)/dm = w goes to the scores
-            key, grad = f"scores.{n}", gw[n] * p.backbone[f"{n}.weight"]
+            key, w = f"scores.{n}", p.backbone[f"{n}.weight"]
+            grad = p.buffers.get(("g", n))
+            if grad is None:
+                grad = p.buffers[("g", n)] = np.empty(w.shape, np.float32)
+            np.multiply(gw[n], w, out=grad)
             _adam(a, key, grad, a[f"all.{key}"], lr, t)
         else:
             _adam(a, f"weight.{n}", gw[n], a[f"free.{n}"], lr, t)
