@@ -117,6 +117,11 @@ def test_one_hot_labels_equal_int_labels_and_a_step_descends(compiled):
     assert step(x, labels, params, head)[0] < loss
     with pytest.raises(ValueError, match="labels"):
         step(x, labels + 5, a.params, a.head)
+    # the gradients are the VM's output tensors (no copy): a later step must not overwrite them
+    kept = {k: v.copy() for k, v in grads.items()}
+    for _ in range(3):
+        step(rng.random(x.shape, dtype=np.float32), 1 - labels, a.params, a.head)
+    assert all(np.array_equal(grads[k], kept[k]) for k in grads)
 
 
 def test_method_helpers(compiled):

@@ -117,9 +117,11 @@ class TrainStep:
             self._x[m:], self._y[m:], self._y[:m, classes:] = 0.0, 0.0, 0.0
             (lo, lg), gs = self._fn(self._ffi.from_dlpack(self._x), self._ffi.from_dlpack(self._y), *weights)
             loss += float(np.from_dlpack(lo))
+            # the arrays keep the VM's output tensors alive, so no copy: the pooled
+            # allocator reuses their memory only once they are dropped
             gs = [np.from_dlpack(g) for g in gs]
             if grads is None:
-                grads = [g.copy() for g in gs]
+                grads = gs
             else:
                 grads = [a + g for a, g in zip(grads, gs, strict=True)]
             if return_logits:
