@@ -222,7 +222,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from edgecl.runtime.bundle import Bundle
 
     try:
-        version = compile_bundle(args.bundle, args.target, args.tune, train=args.train_step)
+        version = compile_bundle(args.bundle, args.target, args.tune, train=not args.no_train_step)
     except (ValueError, RuntimeError, OSError) as e:
         raise EdgeclError(f"compile {args.bundle} for {args.target}: {e}") from e
     entry = Bundle.open(args.bundle).manifest["targets"][args.target]
@@ -317,9 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", required=True, choices=["host", "rpi4", "rpi5", "jetson-orin"])
     c.add_argument("--tune", type=int, default=0, metavar="N",
                    help="try up to N schedules on the host (results cached per architecture)")
-    c.add_argument("--train-step", action="store_true",
-                   help="also compile a training step (edgecl learn then uses it); untuned, it ran "
-                        "~20x slower than the numpy learner on this machine's MLP (docs/compiler.md)")
+    c.add_argument("--no-train-step", action="store_true",
+                   help="skip the compiled training step (edgecl learn then runs its numpy step)")
     c.set_defaults(func=cmd_compile)
 
     from . import bench
