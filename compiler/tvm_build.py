@@ -323,6 +323,20 @@ def tune(target_name: str, target: dict, model: Mapping, head_rows: int, batches
 
 
 # -- the bundle -----------------------------------------------------------------------
+def export_bytes(lib, target_name: str) -> bytes:
+    """A compiled module as shared-library bytes, cross-linked for aarch64 targets."""
+    cross = tg.cross_compiler(target_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lib.so"
+        if cross is None:
+            lib.export_library(str(path))
+        else:
+            from tvm.support import cc
+
+            lib.export_library(str(path), fcompile=cc.cross_compiler(cross))
+        return path.read_bytes()
+
+
 def head_rows_for(bundle: Bundle) -> int:
     most = max((len(t["classes"]) for t in bundle.tasks), default=2)
     return max(8, -(-most // 8) * 8)
@@ -387,16 +401,7 @@ def build_library(bundle: Bundle, target_name: str, tune_trials: int = 0, batche
     t0 = time.perf_counter()
     lib = compile_module(build_module(model["layers"], tuple(model["input_shape"]), head_rows,
                                       batches, sched), target)
-    cross = tg.cross_compiler(target_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "forward.so"
-        if cross is None:
-            lib.export_library(str(path))
-        else:
-            from tvm.support import cc
-
-            lib.export_library(str(path), fcompile=cc.cross_compiler(cross))
-        data = path.read_bytes()
+    data = export_bytes(lib, target_name)
     log(f"{target_name}: built in {time.perf_counter() - t0:.1f} s ({len(data)} bytes)")
     entry = {
         "tvm_version": tvm.__version__,

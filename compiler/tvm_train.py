@@ -28,10 +28,8 @@ zero-padded to ``B`` (or cut into chunks of ``B`` whose gradients add up).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from edgecl.compiler import targets as tg
 
@@ -256,16 +254,9 @@ def compile_train_step(model: Mapping, target_name: str, head_rows: int, batch: 
     t0 = time.perf_counter()
     mod, target = lower_and_schedule(model, target_name, head_rows, batch, log=log)
     ex = tvm.compile(mod, target=target)
-    cross = tg.cross_compiler(target_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train.so"
-        if cross is None:
-            ex.export_library(str(path))
-        else:
-            from tvm.support import cc
+    from .tvm_build import export_bytes
 
-            ex.export_library(str(path), fcompile=cc.cross_compiler(cross))
-        data = path.read_bytes()
+    data = export_bytes(ex, target_name)
     log(f"{target_name}: train step built in {time.perf_counter() - t0:.1f} s ({len(data)} bytes)")
     entry = {
         "function": FUNCTION,

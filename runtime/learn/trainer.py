@@ -335,40 +335,47 @@ def _head_step(p: Problem, s: State, idx: np.ndarray) -> float:
     return loss
 
 
-def numpy_step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
-    """One masked update on the samples ``idx``; returns the loss."""
-    s.pos["adam"] += 1
-    if p.method == "head":
-        return _head_step(p, s, idx)
-    params = _step_params(p, s)
-    head = (s.arrays["head.weight"], s.arrays["head.bias"])
-    logits, cache = T.forward(p.layers, params, head, p.x[idx])
-    loss, g = T.cross_entropy(logits, p.y[idx])
+def _numpy_grads(p: Problem, params: dict, head: tuple, x: np.ndarray, y: np.ndarray):
+    logits, cache = T.forward(p.layers, params, head, x)
+    loss, g = T.cross_entropy(logits, y)
     gw, _, ghw, ghb = T.backward(p.layers, params, head, cache, g, set(p.trainable))
-    _apply(p, s, gw, ghw, ghb)
-    return loss
+    return loss, gw, ghw, ghb
+
+
+def _masked_step(grads_fn) -> Step:
+    """A step: gradients from ``grads_fn(p, params, head, x, y) -> (loss, dL/dW_eff per
+    trainable layer, dL/dhead.weight, dL/dhead.bias)``, then the masked updates."""
+
+    def step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
+        s.pos["adam"] += 1
+        if p.method == "head":  # no backbone gradient: always numpy
+            return _head_step(p, s, idx)
+        params = _step_params(p, s)
+        head = (s.arrays["head.weight"], s.arrays["head.bias"])
+        loss, gw, ghw, ghb = grads_fn(p, params, head, p.x[idx], p.y[idx])
+        _apply(p, s, gw, ghw, ghb)
+        return loss
+
+    return step
+
+
+numpy_step = _masked_step(_numpy_grads)
+numpy_step.__doc__ = "One masked update on the samples ``idx`` (numpy gradients); returns the loss."
 
 
 def tvm_step_factory(bundle) -> Step:
     """The bundle's compiled TVM training step (``targets.<t>.train_step``) for this
     machine: loss and dL/dW_eff come from the library, the masked updates stay the
-    C kernels'. The head-only mode needs no backbone gradient and stays in numpy."""
+    C kernels'."""
     from ..backends.tvm_train import load_train_step
 
     train_step = load_train_step(bundle)
 
-    def step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
-        s.pos["adam"] += 1
-        if p.method == "head":
-            return _head_step(p, s, idx)
-        params = _step_params(p, s)
-        head = (s.arrays["head.weight"], s.arrays["head.bias"])
-        loss, grads = train_step(p.x[idx], p.y[idx], params, head)
-        gw = {n: grads[f"{n}.weight"] for n in p.trainable}
-        _apply(p, s, gw, grads["head.weight"], grads["head.bias"])
-        return loss
+    def grads(p: Problem, params: dict, head: tuple, x: np.ndarray, y: np.ndarray):
+        loss, g = train_step(x, y, params, head)
+        return loss, {n: g[f"{n}.weight"] for n in p.trainable}, g["head.weight"], g["head.bias"]
 
-    return step
+    return _masked_step(grads)
 
 
 # name -> factory(bundle) -> step; "auto" takes the bundle's compiled step for this
