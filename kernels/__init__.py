@@ -35,6 +35,7 @@ __all__ = [
     "materialize_bits", "materialize_units", "pack", "unpack", "owner_mask", "free_mask",
     "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
     "masked_sgd_momentum_", "masked_adam_", "score_step_",
+    "route_prototype", "prepare_route_prototype",
 ]
 
 ENV = "EDGECL_KERNELS"
@@ -128,3 +129,5 @@ andnot = _dispatch("andnot")
 masked_sgd_momentum_ = _dispatch("masked_sgd_momentum_")
 masked_adam_ = _dispatch("masked_adam_")
 score_step_ = _dispatch("score_step_")
+route_prototype = _dispatch("route_prototype")
+prepare_route_prototype = _dispatch("prepare_route_prototype")

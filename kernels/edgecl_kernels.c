@@ -11,9 +11,10 @@
 #include "edgecl_kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define EK_ABI_VERSION 1
+#define EK_ABI_VERSION 2
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
     && !defined(EK_NO_CLONES)
@@ -326,4 +327,89 @@ EK_HOT void ek_score_sgd(float *restrict scores, const float *restrict grad, flo
             scores[i] = scores[i] - lr * g;
         }
     }
+}
+
+/* ---------------------------------------------------------------- routing */
+
+#define EK_ROUTE_STACK 4096 /* floats of scratch row kept on the stack */
+
+#define EK_ROUTE_JB 64 /* columns per register block: 8 AVX2 / 16 SSE / NEON registers */
+
+/* One row: r = x @ fused (r has n = d + K floats). Full blocks of EK_ROUTE_JB columns
+ * accumulate in registers over the rows of fused (independent lanes, no store per
+ * step); the last partial block accumulates in r. Each r[j] is the float32 sum over i
+ * in ascending order of x[i] * fused[i, j] (no FMA: -ffp-contract=off). */
+static inline void route_row_matvec(const float *restrict x, const float *restrict fused,
+                                    float *restrict r, int64_t d, int64_t n) {
+    int64_t j0 = 0;
+    for (; j0 + EK_ROUTE_JB <= n; j0 += EK_ROUTE_JB) {
+        float acc[EK_ROUTE_JB];
+        for (int j = 0; j < EK_ROUTE_JB; j++) acc[j] = 0.0f;
+        for (int64_t i = 0; i < d; i++) {
+            const float xi = x[i];
+            const float *restrict f = fused + i * n + j0;
+            for (int j = 0; j < EK_ROUTE_JB; j++) acc[j] = acc[j] + xi * f[j];
+        }
+        for (int j = 0; j < EK_ROUTE_JB; j++) r[j0 + j] = acc[j];
+    }
+    if (j0 < n) {
+        const int64_t len = n - j0;
+        float *restrict rt = r + j0;
+        for (int64_t j = 0; j < len; j++) rt[j] = 0.0f;
+        for (int64_t i = 0; i < d; i++) {
+            const float xi = x[i];
+            const float *restrict f = fused + i * n + j0;
+            for (int64_t j = 0; j < len; j++) rt[j] = rt[j] + xi * f[j];
+        }
+    }
+}
+
+EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fused,
+                              const float *restrict cnst, const int64_t *restrict starts,
+                              int64_t B, int64_t d, int64_t K, int64_t T, float temperature,
+                              float novelty_floor, float threshold, int64_t *restrict out_best,
+                              float *restrict out_conf, uint8_t *restrict out_unknown,
+                              float *restrict out_scores) {
+    const int64_t n = d + K;
+    float stack[EK_ROUTE_STACK];
+    float *r = stack;
+    if (n > EK_ROUTE_STACK) {
+        r = (float *)malloc((size_t)n * sizeof(float));
+        if (!r) return -1;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        const float *restrict xb = x + b * d;
+        float *restrict s = out_scores + b * T;
+        route_row_matvec(xb, fused, r, d, n);
+        /* quad in 8 partial sums (a fixed-width, vectorizable reduction) */
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+            for (int j = 0; j < 8; j++) acc[j] = acc[j] + r[i + j] * xb[i + j];
+        float quad = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; i < d; i++) quad = quad + r[i] * xb[i];
+        const float half = 0.5f * quad;
+        const float *restrict lin = r + d;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t lo = starts[t], hi = (t + 1 < T) ? starts[t + 1] : K;
+            float m = lin[lo] + (cnst[lo] - half);
+            for (int64_t k = lo + 1; k < hi; k++) {
+                const float v = lin[k] + (cnst[k] - half);
+                if (v > m || v != v) m = v; /* np.maximum: NaN propagates */
+            }
+            s[t] = m;
+        }
+        int64_t best = 0;
+        float top = s[0];
+        for (int64_t t = 1; t < T; t++)
+            if (top == top && (s[t] > top || s[t] != s[t])) { best = t; top = s[t]; }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < T; t++) sum = sum + expf((s[t] - top) / temperature);
+        const float conf = 1.0f / sum;
+        out_best[b] = best;
+        out_conf[b] = conf;
+        out_unknown[b] = (uint8_t)((conf < threshold) || (top < novelty_floor));
+    }
+    if (r != stack) free(r);
+    return 0;
 }

@@ -61,4 +61,22 @@ void ek_masked_adam(float *w, const float *grad, float *m, float *v,
 void ek_score_sgd(float *scores, const float *grad, float *buf, int64_t n, float lr,
                   float momentum, float weight_decay);
 
+/* Task routing with the Gaussian prototype router (edgecl.runtime.routers.prototype),
+ * one call per batch. x is [B, d], fused = [P | P mu^T] is [d, d + K] (row-major), cnst
+ * is [K]; starts[T] (strictly ascending, starts[0] >= 0, starts[T-1] < K) is the first
+ * prototype column of each task, a task's columns running to the next start (the last
+ * to K). Per row, in float32, one operation at a time:
+ *   r = x @ fused;  quad = sum_i r[i] * x[i];  ll[k] = r[d + k] + (cnst[k] - 0.5 * quad)
+ *   scores[t] = max of ll over the task's columns (NaN propagates)
+ *   best = first argmax (a NaN counts as the maximum);  top = scores[best]
+ *   conf = 1 / sum_t exp((scores[t] - top) / temperature)
+ *   unknown = conf < threshold || top < novelty_floor
+ * Returns 0, or -1 when the scratch row (d + K floats, on the stack up to 4096) could
+ * not be allocated. */
+int ek_route_prototype(const float *x, const float *fused, const float *cnst,
+                       const int64_t *starts, int64_t B, int64_t d, int64_t K, int64_t T,
+                       float temperature, float novelty_floor, float threshold,
+                       int64_t *out_best, float *out_conf, uint8_t *out_unknown,
+                       float *out_scores);
+
 #endif

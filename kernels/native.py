@@ -15,7 +15,7 @@ from . import reference as R
 from ._native import ffi, lib
 
 NAME = "native"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 if lib.ek_abi_version() != ABI_VERSION:
     raise ImportError(f"edgecl.kernels._native has ABI version {lib.ek_abi_version()}, "
@@ -184,8 +184,75 @@ def score_step_(scores: np.ndarray, grad: np.ndarray, lr: float, momentum: float
                          float(lr), float(mom), float(wd))
 
 
+# ---------------------------------------------------------------- routing
+
+def _route_call(xp, fp, cp, sp, b, d, k, t, temperature, floor, threshold, outs):
+    best, conf, unknown, scores = outs
+    if b:
+        rc = lib.ek_route_prototype(xp, fp, cp, sp, b, d, k, t, temperature, floor, threshold,
+                                    ffi.from_buffer("int64_t[]", best),
+                                    ffi.from_buffer("float[]", conf),
+                                    ffi.from_buffer("uint8_t[]", unknown),
+                                    ffi.from_buffer("float[]", scores))
+        if rc:
+            raise MemoryError(f"route_prototype: no scratch row of {d + k} floats")
+    return outs
+
+
+def route_prototype(x: np.ndarray, fused: np.ndarray, const: np.ndarray, starts: np.ndarray,
+                    temperature: float, novelty_floor: float, threshold: float,
+                    out_best: np.ndarray | None = None, out_conf: np.ndarray | None = None,
+                    out_unknown: np.ndarray | None = None, out_scores: np.ndarray | None = None):
+    d, k, t = R.route_tables(fused, const, starts)
+    scal = R.route_scalars(temperature, novelty_floor, threshold)
+    b = R.route_x(x, d)
+    outs = R.route_outs(b, t, out_best, out_conf, out_unknown, out_scores)
+    return _route_call(_p(x, "float[]"), _p(fused, "float[]"), _p(const, "float[]"),
+                       _p(starts, "int64_t[]"), b, d, k, t, *scal, outs)
+
+
+def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray):
+    d, k, t = R.route_tables(fused, const, starts)
+    fused, const, starts = (np.array(a, copy=True) for a in (fused, const, starts))
+    for a in (fused, const, starts):
+        a.setflags(write=False)
+    fp, cp, sp = _p(fused, "float[]"), _p(const, "float[]"), _p(starts, "int64_t[]")
+    empty, i64, f32, bool_ = np.empty, np.int64, np.float32, np.bool_
+    ndarray, from_buffer, call = np.ndarray, ffi.from_buffer, lib.ek_route_prototype
+    inf = float("inf")
+    unknown_dtypes = (np.dtype(np.bool_), np.dtype(np.uint8))
+
+    def route(x, temperature, novelty_floor, threshold, out_unknown=None):
+        # the light check of x (route_x's conditions, inlined) and of the scalars
+        if (type(x) is not ndarray or x.dtype != f32 or x.ndim != 2 or x.shape[1] != d
+                or not x.flags.c_contiguous):
+            R.route_x(x, d)  # raises, naming what is wrong
+        if not 0 < temperature < inf:
+            R.route_scalars(temperature, novelty_floor, threshold)  # raises
+        b = x.shape[0]
+        if out_unknown is None:
+            out_unknown = empty(b, bool_)
+        elif (type(out_unknown) is not ndarray or out_unknown.shape != (b,)
+              or out_unknown.dtype not in unknown_dtypes or not out_unknown.flags.writeable
+              or not out_unknown.flags.c_contiguous):
+            R.route_outs(b, t, None, None, out_unknown, None)  # raises, naming what is wrong
+            raise ValueError("out_unknown must be a writable uint8 or bool array of shape (batch,)")
+        best, conf, scores = empty(b, i64), empty(b, f32), empty((b, t), f32)
+        if b and call(from_buffer("float[]", x), fp, cp, sp, b, d, k, t, temperature,
+                      novelty_floor, threshold, from_buffer("int64_t[]", best),
+                      from_buffer("float[]", conf), from_buffer("uint8_t[]", out_unknown),
+                      from_buffer("float[]", scores)):
+            raise MemoryError(f"route_prototype: no scratch row of {d + k} floats")
+        return best, conf, out_unknown, scores
+
+    route.d, route.tasks = d, t
+    route.tables = (fused, const, starts)  # kept alive with the pointers into them
+    return route
+
+
 for _name in ("materialize_bits", "materialize_units", "pack", "unpack", "owner_mask", "free_mask",
               "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
-              "masked_sgd_momentum_", "masked_adam_", "score_step_"):
+              "masked_sgd_momentum_", "masked_adam_", "score_step_", "route_prototype",
+              "prepare_route_prototype"):
     globals()[_name].__doc__ = getattr(R, _name).__doc__
 del _name

@@ -263,3 +263,111 @@ def score_step_(scores: np.ndarray, grad: np.ndarray, lr: float, momentum: float
         np.copyto(scores, scores - lr * momentum_buf)
     else:
         np.copyto(scores, scores - lr * g)
+
+
+# ---------------------------------------------------------------- routing
+
+def route_tables(fused, const, starts) -> tuple[int, int, int]:
+    """Checks of the router's tables; returns (d, K, T)."""
+    C.f32("fused", fused)
+    C.f32("const", const)
+    C.array("starts", starts, (np.dtype(np.int64),))
+    if const.ndim != 1:
+        raise ValueError(f"const must be 1-D (one per prototype), got shape {const.shape}")
+    k = const.shape[0]
+    if fused.ndim != 2 or fused.shape[1] < k:
+        raise ValueError(f"fused has shape {fused.shape}, need (d, d + {k}) ([P | P mu^T])")
+    d = fused.shape[1] - k
+    if fused.shape[0] != d:
+        raise ValueError(f"fused has shape {fused.shape}, need ({d}, {d + k}) ([P | P mu^T])")
+    if starts.ndim != 1 or starts.size < 1:
+        raise ValueError(f"starts must be 1-D with at least one task, got shape {starts.shape}")
+    if starts[0] < 0 or starts[-1] >= k or (starts.size > 1 and (np.diff(starts) <= 0).any()):
+        raise ValueError(f"starts must be strictly ascending columns in [0, {k}), got {starts}")
+    return d, k, starts.size
+
+
+def route_scalars(temperature, novelty_floor, threshold) -> tuple[float, float, float]:
+    """float32 values (as Python floats) of the decision's scalars."""
+    t, f, h = (float(np.float32(v)) for v in (temperature, novelty_floor, threshold))
+    if not t > 0 or t == np.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t, f, h
+
+
+def route_x(x, d: int) -> int:
+    """The light per-call check of a batch: a C-contiguous float32 [B, d] array."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 \
+            or x.shape[1] != d or not x.flags.c_contiguous:
+        got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
+               else type(x).__name__)
+        raise ValueError(f"x must be a C-contiguous float32 array of shape (batch, {d}), got {got}")
+    return x.shape[0]
+
+
+def route_outs(b: int, t: int, out_best, out_conf, out_unknown, out_scores):
+    best = C.out_array("out_best", out_best, (b,), np.int64)
+    conf = C.out_array("out_conf", out_conf, (b,), np.float32)
+    if out_unknown is None:
+        unknown = np.empty(b, np.bool_)
+    else:
+        unknown = C.bools("out_unknown", out_unknown, writable=True)
+        if unknown.shape != (b,):
+            raise ValueError(f"out_unknown has shape {unknown.shape}, need ({b},)")
+    scores = C.out_array("out_scores", out_scores, (b, t), np.float32)
+    C.no_overlap(out_best=best, out_conf=conf, out_unknown=unknown, out_scores=scores)
+    return best, conf, unknown, scores
+
+
+def _route(x, fused, const, starts, temperature, novelty_floor, threshold, outs):
+    best, conf, unknown, scores = outs
+    d = fused.shape[0]
+    r = x @ fused
+    quad = (r[:, :d] * x).sum(axis=1, keepdims=True)
+    ll = r[:, d:] + (const - np.float32(0.5) * quad)
+    s = np.maximum.reduceat(ll, starts, axis=1) if len(x) else np.empty((0, starts.size), np.float32)
+    np.copyto(scores, s)
+    np.copyto(best, s.argmax(axis=1))
+    top = s.max(axis=1, keepdims=True)
+    np.copyto(conf, np.float32(1) / np.exp((s - top) / np.float32(temperature)).sum(axis=1))
+    np.copyto(unknown, (conf < np.float32(threshold)) | (top[:, 0] < np.float32(novelty_floor)),
+              casting="unsafe")
+    return best, conf, unknown, scores
+
+
+def route_prototype(x: np.ndarray, fused: np.ndarray, const: np.ndarray, starts: np.ndarray,
+                    temperature: float, novelty_floor: float, threshold: float,
+                    out_best: np.ndarray | None = None, out_conf: np.ndarray | None = None,
+                    out_unknown: np.ndarray | None = None, out_scores: np.ndarray | None = None):
+    """Routing decision of the prototype router for a batch, in one call.
+
+    ``x`` [B, d] float32; ``fused`` = [P | P μᵀ] [d, d + K]; ``const`` [K]; ``starts``
+    [T] int64, the first prototype column of each task (strictly ascending). Per row,
+    in float32: ``ll = x P μᵀ + const − (x P · x) / 2``, a task's score is the max of
+    ``ll`` over its columns, ``best`` the first argmax, ``conf = 1 / Σ_t exp((s_t −
+    s_best) / temperature)``, ``unknown = conf < threshold or s_best < novelty_floor``
+    (the three scalars taken as float32). Returns ``(best int64 [B], conf float32 [B],
+    unknown bool [B] (or the given uint8/bool buffer), scores float32 [B, T])``.
+    """
+    d, _, t = route_tables(fused, const, starts)
+    scal = route_scalars(temperature, novelty_floor, threshold)
+    b = route_x(x, d)
+    outs = route_outs(b, t, out_best, out_conf, out_unknown, out_scores)
+    return _route(x, fused, const, starts, *scal, outs)
+
+
+def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray):
+    """``route_prototype`` with the tables checked and copied once: returns
+    ``route(x, temperature, novelty_floor, threshold, out_unknown=None)`` that checks only
+    ``x`` (C-contiguous float32 [B, d]) and returns the same four arrays."""
+    d, _, t = route_tables(fused, const, starts)
+    fused, const, starts = (np.array(a, copy=True) for a in (fused, const, starts))
+
+    def route(x, temperature, novelty_floor, threshold, out_unknown=None):
+        b = route_x(x, d)
+        scal = route_scalars(temperature, novelty_floor, threshold)
+        outs = route_outs(b, t, None, None, out_unknown, None)
+        return _route(x, fused, const, starts, *scal, outs)
+
+    route.d, route.tasks = d, t
+    return route

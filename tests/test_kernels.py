@@ -513,3 +513,129 @@ def test_fallback_in_process_warns_once(monkeypatch):
     monkeypatch.setenv("EDGECL_KERNELS", "bogus")
     with pytest.raises(ValueError, match="EDGECL_KERNELS"):
         kernels.available()
+
+
+# ---------------------------------------------------------------- routing (prototype router)
+
+
+def _route_tables(rng, d, k, t):
+    a = rng.standard_normal((d, d)).astype(np.float64)
+    p = a @ a.T / d + np.eye(d)  # a precision matrix
+    mu = rng.standard_normal((k, d))
+    fused = np.hstack([p, p @ mu.T]).astype(np.float32)
+    const = (-0.5 * ((mu @ p) * mu).sum(axis=1)).astype(np.float32)
+    starts = np.sort(rng.choice(np.arange(1, k), t - 1, replace=False)) if t > 1 else np.zeros(0)
+    return fused, const, np.r_[0, starts].astype(np.int64)
+
+
+def _check_route(got, want, x, fused, const):
+    best, conf, unknown, scores = got
+    wbest, wconf, wunknown, wscores = want
+    # scores: float32 sums in another order than BLAS; 1e-5 of the terms' magnitude
+    # (ll = xPμᵀ + const - quad/2 cancels, so the bound is on the terms, not on ll)
+    d = fused.shape[0]
+    scale = np.abs(x) @ np.abs(fused)
+    mag = (scale[:, d:].max(axis=1, initial=0) + np.abs(const).max()
+           + 0.5 * (scale[:, :d] * np.abs(x)).sum(axis=1))[:, None]
+    assert scores.shape == wscores.shape and scores.dtype == np.float32
+    assert (np.abs(scores - wscores) <= 1e-5 * mag + 1e-30).all()
+    assert best.dtype == np.int64 and conf.dtype == np.float32 and unknown.dtype == np.bool_
+    # decisions match except where the twin's top two scores are within rounding
+    srt = np.sort(wscores, axis=1)
+    clear = (srt[:, -1] - srt[:, -2] > 1e-4 * mag[:, 0]) if wscores.shape[1] > 1 else np.ones(len(x), bool)
+    assert np.array_equal(best[clear], wbest[clear])
+    np.testing.assert_allclose(conf[clear], wconf[clear], rtol=1e-4, atol=1e-6)
+    near = clear & (np.abs(conf - 0.5) > 1e-3)
+    assert np.array_equal(unknown[near], wunknown[near])
+
+
+@pytest.mark.parametrize("b", [0, 1, 3, 64])
+@pytest.mark.parametrize("d,k,t", [(1, 1, 1), (1, 5, 2), (7, 13, 3), (64, 60, 5), (33, 71, 12),
+                                   (100, 93, 7), (17, 1, 1), (50, 130, 11)])
+def test_route_prototype_matches_twin(nat, b, d, k, t):
+    rng = _rng("route", b, d, k, t)
+    fused, const, starts = _route_tables(rng, d, k, t)
+    x = rng.standard_normal((b, d)).astype(np.float32)
+    for temp, floor, thr in [(1.0, -np.inf, 0.5), (7.3, float(-d * 3), 0.9), (0.05, 0.0, 0.0)]:
+        want = ref.route_prototype(x, fused, const, starts, temp, floor, thr)
+        got = nat.route_prototype(x, fused, const, starts, temp, floor, thr)
+        _check_route(got, want, x, fused, const)
+        prepared = nat.prepare_route_prototype(fused, const, starts)(x, temp, floor, thr)
+        for a, c in zip(prepared, got, strict=True):
+            _same_bytes(a, c)
+        twin_prepared = ref.prepare_route_prototype(fused, const, starts)(x, temp, floor, thr)
+        for a, c in zip(twin_prepared, want, strict=True):
+            _same_bytes(a, c)
+        # the twin is the router's own arithmetic: prototype.scores + the shared decide
+        if b:
+            r = x @ fused
+            ll = r[:, d:] + (const - 0.5 * (r[:, :d] * x).sum(axis=1, keepdims=True))
+            _same_bytes(want[3], np.maximum.reduceat(ll, starts, axis=1))
+            conf = 1.0 / np.exp((want[3] - want[3].max(axis=1, keepdims=True)) / temp).sum(axis=1)
+            _same_bytes(want[1], conf)
+
+
+def test_route_prototype_ties_nan_and_out_buffers(nat):
+    # two tasks with identical prototypes: exact ties pick the first task, like argmax
+    rng = _rng("route-ties")
+    fused, const, _ = _route_tables(rng, 9, 2, 1)
+    d = 9
+    fused[:, d + 1] = fused[:, d]
+    const[1] = const[0]
+    starts = np.array([0, 1], np.int64)
+    x = rng.standard_normal((5, d)).astype(np.float32)
+    for impl in (ref, nat):
+        best, conf, unknown, scores = impl.route_prototype(x, fused, const, starts, 1.0, -1e30, 0.5)
+        assert (scores[:, 0] == scores[:, 1]).all() and (best == 0).all()
+        assert np.allclose(conf, 0.5) and not unknown.any()  # 0.5 is not < 0.5
+        ob, oc, ou, os_ = (np.empty(5, np.int64), np.empty(5, np.float32), np.ones(5, np.uint8),
+                           np.empty((5, 2), np.float32))
+        out = impl.route_prototype(x, fused, const, starts, 1.0, 1e30, 0.5, ob, oc, ou, os_)
+        assert out[0] is ob and out[1] is oc and out[2] is ou and out[3] is os_
+        assert (ou == 1).all()  # below the novelty floor
+    # NaN inputs: NaN scores, best = first NaN task (argmax); NaN compares false, so the
+    # row is not flagged unknown -- exactly as the generic numpy decide behaves
+    x[2] = np.nan
+    got = nat.route_prototype(x, fused, const, starts, 1.0, -1e30, 0.5)
+    want = ref.route_prototype(x, fused, const, starts, 1.0, -1e30, 0.5)
+    assert np.isnan(got[3][2]).all() and got[0][2] == want[0][2] == 0
+    assert got[2][2] == want[2][2] and not np.isnan(got[1][:2]).any()
+
+
+@pytest.mark.parametrize("impl_name", ["native", "numpy"])
+def test_route_prototype_bad_inputs(impl_name):
+    impl = kernels.implementation(impl_name)
+    fused, const, starts = _route_tables(_rng("route-bad"), 4, 6, 3)
+    x = np.ones((2, 4), np.float32)
+    ok = dict(temperature=1.0, novelty_floor=0.0, threshold=0.5)
+    cases = [
+        ((x.astype(np.float64), fused, const, starts), "x must be"),
+        ((x[:, :3], fused, const, starts), "x must be"),
+        ((np.ones((4, 2), np.float32).T, fused, const, starts), "x must be"),
+        ((x, fused.astype(np.float64), const, starts), "fused must have dtype float32"),
+        ((x, np.ascontiguousarray(fused[:, :9]), const, starts), "fused has shape"),
+        ((x, fused, const[:5], starts), "fused has shape"),
+        ((x, fused, const, starts.astype(np.int32)), "starts must have dtype int64"),
+        ((x, fused, const, starts[::-1].copy()), "strictly ascending"),
+        ((x, fused, const, np.array([0, 6], np.int64)), "strictly ascending"),
+        ((x, fused, const, np.zeros(0, np.int64)), "at least one task"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            impl.route_prototype(*args, **ok)
+    with pytest.raises(ValueError, match="temperature"):
+        impl.route_prototype(x, fused, const, starts, 0.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="out_scores has shape"):
+        impl.route_prototype(x, fused, const, starts, **ok, out_scores=np.empty((2, 2), np.float32))
+    route = impl.prepare_route_prototype(fused, const, starts)
+    with pytest.raises(ValueError, match="x must be"):
+        route(x.astype(np.float64), 1.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        route(x, -1.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="out_unknown"):
+        route(x, 1.0, 0.0, 0.5, np.empty(3, np.uint8))
+    # the prepared tables are copies: later changes to the caller's arrays do not leak in
+    before = route(x, 1.0, 0.0, 0.5)[3].copy()
+    fused[:] = 0
+    _same_bytes(route(x, 1.0, 0.0, 0.5)[3], before)
+    assert kernels.prepare_route_prototype(fused, const, starts, impl=impl_name).d == 4

@@ -139,3 +139,42 @@ def test_cli_infer_routes_and_eval_reports(trained, digits, tmp_path, capsys):
         assert key in r
     assert r["router_overhead"] > 0
     assert "noise" in r["routers"]["prototype"]["fallback"]["unknown_rate"]
+
+
+@pytest.mark.parametrize("impl", ["native", "numpy"])
+def test_prototype_fused_decide_matches_generic_decide(trained, digits, impl):
+    """PrototypeRouter.decide (one route_prototype call) decides as the shared numpy
+    decide over prototype.scores does: same best and task, scores to float32 rounding."""
+    from edgecl import kernels
+    from edgecl.runtime.routers.base import Router
+
+    rt = Runtime(trained("supsup")[1])
+    router = load_router(rt.bundle)
+    assert isinstance(router, PrototypeRouter)
+    router._prepare()
+    router._route = kernels.prepare_route_prototype(*router._fused, impl=impl)
+    rng = np.random.default_rng(3)
+    xs = [t.x_test.reshape(-1, 64).astype(np.float32) for t in digits.tasks]
+    xs += [rng.random((200, 64), dtype=np.float32), xs[0][:1],
+           digits.tasks[2].x_test[:7].astype(np.float32)]  # (7, 1, 8, 8): reshaped
+    for x in xs:
+        for threshold, fallback in [(0.5, None), (0.0, None), (0.9, 0), (1.01, None)]:
+            got = router.decide(rt, x, threshold, fallback)
+            want = Router.decide(router, rt, x, threshold, fallback)
+            assert got.scores.shape == want.scores.shape == (len(x), len(router.tasks))
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-3)
+            assert np.array_equal(got.best, want.best)
+            np.testing.assert_allclose(got.confidence, want.confidence, rtol=1e-4, atol=1e-6)
+            near = np.abs(want.confidence - threshold) < 1e-4
+            assert np.array_equal(got.task[~near], want.task[~near])
+    empty = router.decide(rt, np.zeros((0, 1, 8, 8), np.float32))  # the generic path cannot
+    assert empty.task.shape == (0,) and empty.scores.shape == (0, len(router.tasks))
+    # float64 input keeps the generic path (its float64 arithmetic)
+    x64 = xs[0][:5].astype(np.float64)
+    assert np.array_equal(router.decide(rt, x64).scores, Router.decide(router, rt, x64).scores)
+    # a decision's arrays are its own: a later call does not overwrite them
+    d1 = router.decide(rt, xs[0][:3])
+    keep = (d1.task.copy(), d1.best.copy(), d1.confidence.copy(), d1.scores.copy())
+    router.decide(rt, xs[1][:3])
+    for a, b in zip((d1.task, d1.best, d1.confidence, d1.scores), keep, strict=True):
+        assert np.array_equal(a, b)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Router
+from ... import kernels
+from .base import UNKNOWN, Decision, Router, RouterError
 
 
 def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25):
@@ -39,6 +40,7 @@ class PrototypeRouter(Router):
         self.owner = np.zeros(0, dtype=np.int64)  # task index of each prototype
         self.scatter = np.zeros((0, 0))
         self._fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._route = None  # kernels.prepare_route_prototype of _fused (decide's one call)
 
     @staticmethod
     def _flat(x: np.ndarray) -> np.ndarray:
@@ -65,7 +67,7 @@ class PrototypeRouter(Router):
                 self.counts = np.append(self.counts, len(xj))
                 self.owner = np.append(self.owner, t)
                 self.scatter += (xj - mu).T @ (xj - mu)
-        self._fused = None
+        self._fused = self._route = None
 
     def _prepare(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._fused is None:
@@ -75,10 +77,18 @@ class PrototypeRouter(Router):
             p = np.linalg.inv(cov)
             fused = np.hstack([p, p @ self.means.T])  # x @ fused = [xP | xPμᵀ]
             const = -0.5 * ((self.means @ p) * self.means).sum(axis=1)
-            starts = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
+            starts = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]]).astype(np.int64)
             # float32 at inference: half the bytes, and the inputs are float32 already
-            self._fused = (fused.astype(np.float32), const.astype(np.float32), starts)
+            self._fused = (np.ascontiguousarray(fused, np.float32),
+                           np.ascontiguousarray(const, np.float32), starts)
+            self._route = None
         return self._fused
+
+    def _router_kernel(self):
+        """The fused routing kernel over the prepared tables (checked once, here)."""
+        if self._route is None or self._fused is None:
+            self._route = kernels.prepare_route_prototype(*self._prepare())
+        return self._route
 
     def scores(self, runtime, x):
         x = np.asarray(x).reshape(len(x), -1)
@@ -89,6 +99,26 @@ class PrototypeRouter(Router):
         ll = r[:, d:] + (const - 0.5 * quad)
         return np.maximum.reduceat(ll, starts, axis=1)
 
+    def decide(self, runtime, x, threshold=0.5, fallback=None):
+        """The shared decision (see :meth:`Router.decide`) in one fused kernel call
+        (``edgecl.kernels.route_prototype``) for float32 inputs; other dtypes take the
+        generic numpy path."""
+        route = self._route
+        if route is None:
+            if not self.tasks:
+                raise RouterError(f"router {self.name} has no task")
+            route = self._router_kernel()
+        if type(x) is not np.ndarray or x.dtype != np.float32:
+            return super().decide(runtime, x, threshold, fallback)
+        if x.ndim != 2:
+            x = x.reshape(len(x), route.d)
+        best, conf, unknown, s = route(x if x.flags.c_contiguous else np.ascontiguousarray(x),
+                                       self.temperature, min(self.novelty), threshold)
+        task = best.copy()
+        if 1 in unknown.tobytes():  # any unknown: bytes' scan is cheaper than .any() at batch 1
+            task[unknown] = UNKNOWN if fallback is None else fallback
+        return Decision(task, conf, best, s)
+
     def _arrays(self):
         return {"means": self.means, "counts": self.counts, "owner": self.owner,
                 "scatter": self.scatter}
@@ -96,4 +126,4 @@ class PrototypeRouter(Router):
     def _load_arrays(self, a):
         self.means, self.counts = np.array(a["means"]), np.array(a["counts"])
         self.owner, self.scatter = np.array(a["owner"]), np.array(a["scatter"])
-        self._fused = None
+        self._fused = self._route = None
