@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -19,6 +17,8 @@ import pytest
 
 from edgecl.runtime.backends import BackendUnavailable, available, open_backend
 from edgecl.runtime.bundle import Bundle
+
+from .device_process import run_on_device
 
 ARCHS = ["mlp", "cnn"]
 
@@ -99,15 +99,6 @@ def test_bundle_without_artifacts_has_no_tvm(trained):
 
 def test_tvm_backend_runs_without_tvm_compiler_or_torch(compiled, tmp_path):
     """The device path: tvm.relax, the tvm package and torch are all blocked."""
-    blocker = textwrap.dedent("""
-        import sys
-        class _Block:
-            def find_spec(self, name, path=None, target=None):
-                if name in ("torch", "tvm") or name.startswith(("torch.", "tvm.")):
-                    raise ImportError(f"{name} is blocked: this is a device")
-        sys.meta_path.insert(0, _Block())
-    """)
-    (tmp_path / "sitecustomize.py").write_text(blocker)
     bundle = Bundle.open(compiled["cnn"])
     x = _inputs(bundle, 4)
     np.save(tmp_path / "x.npy", x)
@@ -120,9 +111,7 @@ def test_tvm_backend_runs_without_tvm_compiler_or_torch(compiled, tmp_path):
         assert not any(m == "torch" or m.startswith(("tvm.", "torch.")) for m in sys.modules)
         print(json.dumps(out.tolist()))
     """)
-    r = subprocess.run([sys.executable, "-c", code, str(compiled["cnn"]), str(tmp_path / "x.npy")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    r = run_on_device(tmp_path, code, compiled["cnn"], tmp_path / "x.npy")
     assert r.returncode == 0, r.stderr
     want = open_backend(bundle, "numpy").logits(x, 1)
     np.testing.assert_allclose(np.asarray(json.loads(r.stdout), np.float32), want, atol=1e-4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,22 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCKER = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch.") or name == "tvm.relax" \\
-                    or name.startswith("tvm.relax."):
-                raise ImportError(f"{name} is blocked: this is a device")
-    sys.meta_path.insert(0, _Block())
-""")
+from .device_process import run_on_device
 
 
 def _run_blocked(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    return run_on_device(tmp_path, code, *args, blocked=("torch", "tvm.relax"))
 
 
 def test_torch_is_really_blocked(tmp_path):

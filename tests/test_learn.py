@@ -4,11 +4,8 @@ zero forgetting checked on canaries, RAM and energy budgets, resume, torch block
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,6 +20,8 @@ from edgecl.runtime.learn import ForgettingError, LearnError, RamBudgetError, en
 from edgecl.runtime.learn import learner as L
 from edgecl.runtime.learn import train_numpy as T
 from edgecl.runtime.routers.store import update_routers
+
+from .device_process import run_on_device
 
 TICK = {"kind": "model", "watts": 1.0, "tick_s": 0.1}  # 0.1 J per meter read: deterministic
 
@@ -328,23 +327,9 @@ def test_a_candidate_that_changes_an_owned_weight_is_refused(four, digits):
 
 
 # ------------------------------------------------------------------ torch blocked
-BLOCKER = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"{name} is blocked: this is a device")
-    sys.meta_path.insert(0, _Block())
-""")
-
-
 def test_learner_runs_with_torch_blocked(four, digits, tmp_path):
     bundle = four("packnet")
     data = _samples(tmp_path, digits.tasks[4])
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=str(site))  # inherited by the learning child too
     code = textwrap.dedent("""
         import argparse, sys
         from edgecl.tools import learn_cmd
@@ -353,14 +338,12 @@ def test_learner_runs_with_torch_blocked(four, digits, tmp_path):
         assert "torch" not in sys.modules
         sys.exit(rc)
     """)
-    r = subprocess.run([sys.executable, "-c", code, str(bundle), "--task", "digits-8-9", "--data",
-                        str(data), "--method", "packnet", "--epochs", "2", "--quiet",
-                        "--json", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_on_device(tmp_path, code, bundle, "--task", "digits-8-9", "--data", data, "--method",
+                      "packnet", "--epochs", "2", "--quiet", "--json", tmp_path / "r.json",
+                      blocked=("torch",))  # the learning child inherits the blocker
     assert r.returncode == 0, r.stderr + r.stdout
     assert "byte-identical" in r.stdout
-    chk = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
-                         text=True, cwd=tmp_path)
+    chk = run_on_device(tmp_path, "import torch", blocked=("torch",))
     assert chk.returncode != 0 and "blocked" in chk.stderr
     assert Bundle.open(bundle).task_names[-1] == "digits-8-9"
 

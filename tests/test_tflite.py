@@ -8,10 +8,7 @@ fail, they do not skip. The .tflite models are written by ``compiler/tflite_expo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import ai_edge_litert.interpreter  # noqa: F401  (required: fail, never skip)
@@ -23,6 +20,8 @@ from edgecl.runtime import executor
 from edgecl.runtime.backends import available, open_backend
 from edgecl.runtime.backends.tflite import fill_template, interpreter_class, to_layout
 from edgecl.runtime.bundle import Bundle
+
+from .device_process import run_on_device
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +148,6 @@ def _outside_holes_from_serialize(model, content, entry) -> bytes:
 
 def test_tflite_backend_runs_without_torch_or_tvm(exported, tmp_path):
     """The device path: torch and tvm blocked; only numpy and the interpreter."""
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import sys
-        class _Block:
-            def find_spec(self, name, path=None, target=None):
-                if name in ("torch", "tvm", "tvm_ffi", "flatbuffers") or name.startswith(("torch.", "tvm.")):
-                    raise ImportError(f"{name} is blocked: this is a device")
-        sys.meta_path.insert(0, _Block())
-    """))
     bundle = Bundle.open(exported["cnn"])
     x = _inputs(bundle, 4)
     np.save(tmp_path / "x.npy", x)
@@ -169,9 +160,8 @@ def test_tflite_backend_runs_without_torch_or_tvm(exported, tmp_path):
         assert not any(m in ("torch", "tvm") or m.startswith(("tvm.", "torch.")) for m in sys.modules)
         print(json.dumps(out.tolist()))
     """)
-    r = subprocess.run([sys.executable, "-c", code, str(exported["cnn"]), str(tmp_path / "x.npy")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    r = run_on_device(tmp_path, code, exported["cnn"], tmp_path / "x.npy",
+                      blocked=("torch", "tvm", "tvm_ffi", "flatbuffers"))
     assert r.returncode == 0, r.stderr
     want = open_backend(bundle, "numpy").logits(x, 1)
     np.testing.assert_allclose(np.asarray(json.loads(r.stdout), np.float32), want, atol=1e-4)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -22,6 +20,8 @@ from edgecl.compiler.tvm_build import compile_bundle
 from edgecl.runtime.backends.tvm_train import load_train_step, packnet_update, score_grad
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.session import Runtime
+
+from .device_process import run_on_device
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +138,6 @@ def test_method_helpers(compiled):
 
 
 def test_train_step_runs_without_tvm_compiler_or_torch(compiled, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import sys
-        class _Block:
-            def find_spec(self, name, path=None, target=None):
-                if name in ("torch", "tvm") or name.startswith(("torch.", "tvm.")):
-                    raise ImportError(f"{name} is blocked: this is a device")
-        sys.meta_path.insert(0, _Block())
-    """))
     code = textwrap.dedent("""
         import json, sys
         import numpy as np
@@ -158,8 +150,7 @@ def test_train_step_runs_without_tvm_compiler_or_torch(compiled, tmp_path):
         assert not any(m in ("torch", "tvm") or m.startswith(("tvm.", "torch.")) for m in sys.modules)
         print(json.dumps({"loss": loss, "g": float(np.abs(grads["conv1.weight"]).sum())}))
     """)
-    r = subprocess.run([sys.executable, "-c", code, str(compiled["cnn"])], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    r = run_on_device(tmp_path, code, compiled["cnn"])
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     a = Runtime(compiled["cnn"]).activate(2)
