@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.runtime.backends.packing import shapes_after
 from edgecl.runtime.backends.tflite import fill_template, to_layout  # noqa: F401  (the device half)
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_write import commit_files
+from edgecl.runtime.layers import output_shapes
 
 SCHEMA_VERSION = 3
 FILE_ID = b"TFL3"
@@ -206,7 +206,7 @@ def build_graph(model: Mapping, classes: int) -> _Graph:
     g = _Graph()
     layers = list(model["layers"])
     in_shape = [int(s) for s in model["input_shape"]]
-    shapes = shapes_after(layers, in_shape)
+    shapes = output_shapes(layers, in_shape)
     cur = g.tensor("x", [1, *in_shape], dynamic_batch=True)
     nhwc = False
     chw_pending = None  # (c, h, w) of a flattened conv output, for the next fully connected layer

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from edgecl.runtime.layers import weight_shape, weighted
+
+__all__ = ["ARCHS", "build", "cnn", "feature_dim", "mlp", "n_weights", "weight_shape", "weighted"]
+
 ARCHS = ("mlp", "cnn")
 
 
@@ -56,17 +60,6 @@ def build(arch: str, input_shape: Sequence[int], *, hidden: Sequence[int] | None
         return cnn(input_shape, hidden[:-1] if hidden else (16, 32),
                    hidden[-1] if hidden else 128, bias)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
-
-
-def weighted(layers: Sequence[dict]) -> list[dict]:
-    return [layer for layer in layers if layer["op"] in ("linear", "conv2d")]
-
-
-def weight_shape(layer: dict) -> tuple[int, ...]:
-    if layer["op"] == "linear":
-        return (layer["out_features"], layer["in_features"])
-    k = layer["kernel_size"]
-    return (layer["out_channels"], layer["in_channels"], k, k)
 
 
 def feature_dim(layers: Sequence[dict]) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from . import executor
 from .bundle import Bundle
 from .errors import BundleError, InputError
+from .layers import weighted
 from .masks import materialize_bits, materialize_units
 
 MASK_BITS = "weight_bits"
@@ -44,9 +45,7 @@ def activate(bundle: Bundle, key: str | int) -> ActiveTask:
     backbone = bundle.backbone
     where = bundle.root / info["file"]
     params: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for layer in bundle.model["layers"]:
-        if layer["op"] not in ("linear", "conv2d"):
-            continue
+    for layer in weighted(bundle.model["layers"]):
         name = layer["name"]
         w = backbone[f"{name}.weight"]
         b = backbone.get(f"{name}.bias")

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..layers import output_shapes
+
 ALIGN = 64
 
 
@@ -45,28 +47,6 @@ def vec_for(n: int, vec: int) -> int:
     return max(v, 1)
 
 
-def shapes_after(layers: Sequence[Mapping], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """Per layer, the (batch-less, NCHW-convention) shape of its output."""
-    shape = tuple(int(s) for s in input_shape)
-    out = []
-    for layer in layers:
-        op = layer["op"]
-        if op == "linear":
-            shape = (int(layer["out_features"]),)
-        elif op == "conv2d":
-            _, h, w = shape
-            k, s, p = int(layer["kernel_size"]), int(layer.get("stride", 1)), int(layer.get("padding", 0))
-            shape = (int(layer["out_channels"]), (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
-        elif op == "maxpool2d":
-            c, h, w = shape
-            k = int(layer["kernel_size"])
-            shape = (c, h // k, w // k)
-        elif op == "flatten":
-            shape = (int(np.prod(shape)),)
-        out.append(shape)
-    return out
-
-
 def _pack_linear(w: np.ndarray, v: int, chw: tuple[int, int, int] | None) -> np.ndarray:
     n, k = w.shape
     if chw is not None:  # K in (c, h, w) order -> (h, w, c)
@@ -85,7 +65,7 @@ def pack_params(layers: Sequence[Mapping], input_shape: Sequence[int], params: M
     """The compiled function's weight arguments, in order, 64-byte aligned."""
     vec, head_rows = int(layout["vec"]), int(layout["head_rows"])
     out: list[np.ndarray] = []
-    shapes = shapes_after(layers, input_shape)
+    shapes = output_shapes(layers, input_shape)
     prev: tuple[int, ...] = tuple(int(s) for s in input_shape)
     before_flatten: tuple[int, ...] | None = None
     nhwc = False  # the running tensor is NHWC once a conv2d produced it

@@ -35,10 +35,10 @@ from ..bundle import Bundle
 from ..bundle_format import MANIFEST
 from ..bundle_write import commit, safe_name
 from ..errors import EdgeclError
+from ..layers import weighted
 from ..samples import read_labelled_npz
 from ..session import Runtime
 from . import planner, trainer
-from .layers import weighted
 
 METHODS = ("supsup", "packnet", "head")
 WORK_DIR = ".learn"

@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .layers import weight_count
+from ..layers import output_shapes, weight_count
 
 MiB = 1 << 20
 SLACK = 8 * MiB
@@ -58,25 +58,14 @@ class Plan:
 
 def _op_sizes(layers: Sequence[dict], input_shape: Sequence[int]) -> tuple[list[int], int]:
     """Per-op output size (per sample) and the largest conv window view (per sample)."""
-    shape = tuple(int(s) for s in input_shape)
-    sizes, win = [], 0
-    for layer in layers:
-        op = layer["op"]
-        if op == "linear":
-            shape = (int(layer["out_features"]),)
-        elif op == "conv2d":
-            c, h, w = shape
-            k, s, p = int(layer["kernel_size"]), int(layer.get("stride", 1)), int(layer.get("padding", 0))
-            ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-            win = max(win, c * ho * wo * k * k + c * (h + 2 * p) * (w + 2 * p))
-            shape = (int(layer["out_channels"]), ho, wo)
-        elif op == "maxpool2d":
-            k = int(layer["kernel_size"])
-            shape = (shape[0], shape[1] // k, shape[2] // k)
-        elif op == "flatten":
-            shape = (math.prod(shape),)
-        sizes.append(math.prod(shape))
-    return sizes, win
+    shapes = output_shapes(layers, input_shape)
+    win = 0
+    for layer, before, after in zip(layers, [tuple(input_shape)] + shapes[:-1], shapes, strict=True):
+        if layer["op"] == "conv2d":
+            c, h, w = (int(v) for v in before)
+            k, p = int(layer["kernel_size"]), int(layer.get("padding", 0))
+            win = max(win, c * after[1] * after[2] * k * k + c * (h + 2 * p) * (w + 2 * p))
+    return [math.prod(s) for s in shapes], win
 
 
 def plan(model: dict, *, mode: str, n_tasks: int, n_classes: int, n_samples: int,

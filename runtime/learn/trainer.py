@@ -26,9 +26,9 @@ from safetensors.numpy import save as st_save
 from ... import kernels
 from .. import executor
 from ..bundle_format import atomic_write_bytes
+from ..layers import weight_shape, weighted
 from ..masks import materialize_bits, materialize_units, pack_bits, unpack_bits
 from . import train_numpy as T
-from .layers import weight_shape, weighted
 
 DEFAULTS = {
     # the host's hyperparameters (models/methods), so device and host learn alike
