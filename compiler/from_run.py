@@ -7,21 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.models import architectures
-from edgecl.models.data import load_stream
+from edgecl.models.data import load_spec
 from edgecl.models.training import Run, load_run
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import MANIFEST
 from edgecl.runtime.bundle_write import commit
 from edgecl.runtime.errors import BundleError
+from edgecl.runtime.graph import model_entry as graph_model_entry
 from edgecl.runtime.routers.store import update_routers
 
 
 def model_entry(run: Run) -> dict:
-    layers = run.config["layers"]
-    return {"arch": run.config["arch"], "input_shape": list(run.config["input_shape"]),
-            "layers": layers, "feature_dim": architectures.feature_dim(layers),
-            "n_weights": architectures.n_weights(layers)}
+    return graph_model_entry(run.graph, run.config["arch"])
 
 
 def task_entry(run: Run, t: int) -> dict:
@@ -73,7 +70,7 @@ def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True) ->
 def fit_routers(run: Run, out: Path) -> int:
     """Update the bundle's task-ID routers with the run's training data (one version)."""
     spec = run.config["stream"]
-    stream = load_stream(spec["data"], seed=spec["seed"], n_tasks=spec.get("n_tasks"))
+    stream = load_spec(spec)
     data = [(t.name, t.x_train, t.y_train) for t in stream.tasks[: len(run.tasks)]]
     update_routers(out, data)
     return Bundle.open(out, verify=False).version

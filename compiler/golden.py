@@ -29,8 +29,20 @@ from edgecl.runtime.session import Runtime
 DEFAULT_INPUTS = 16
 
 
-def canary_inputs(input_shape, n: int = DEFAULT_INPUTS, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, *tuple(input_shape)), dtype=np.float32)
+def canary_inputs(input_shape, n: int = DEFAULT_INPUTS, seed: int = 0, dtype: str = "float32",
+                  vocab: int = 1024) -> np.ndarray:
+    """Seeded inputs: uniform [0, 1) floats, or token ids below ``vocab``."""
+    rng = np.random.default_rng(seed)
+    if dtype == "int64":
+        return rng.integers(0, vocab, (n, *tuple(input_shape)), dtype=np.int64)
+    return rng.random((n, *tuple(input_shape)), dtype=np.float32)
+
+
+def bundle_canaries(bundle: Bundle, n: int = DEFAULT_INPUTS, seed: int = 0) -> np.ndarray:
+    """Canary inputs fit for the bundle's model (token ids within its embedding table)."""
+    g = bundle.graph
+    vocab = min((p.shape[0] for p in g.params.values() if p.role == "embedding"), default=1024)
+    return canary_inputs(g.input_shape, n, seed, g.input.dtype, vocab)
 
 
 def golden_is_fresh(bundle: Bundle) -> bool:
@@ -44,7 +56,7 @@ def add_golden(bundle_dir: str | Path, n: int = DEFAULT_INPUTS, seed: int = 0) -
     """Compute and commit golden outputs for every task; returns the new bundle version."""
     bundle = Bundle.open(bundle_dir)
     rt = Runtime(bundle)
-    x = canary_inputs(bundle.model["input_shape"], n, seed)
+    x = bundle_canaries(bundle, n, seed)
     tensors = {"x": x}
     for info in bundle.tasks:
         tensors[f"logits.{info['index']}"] = np.ascontiguousarray(rt.logits(x, info["name"]), np.float32)
@@ -74,7 +86,7 @@ def load_golden(bundle: Bundle) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     g = bundle.manifest.get("golden")
     if not g:
         raise KeyError(f"{bundle.root}: the bundle holds no golden outputs "
-                       "(run edgecl.compiler.golden.add_golden)")
+                       "(run: edgecl bundle, or edgecl compile BUNDLE --target host)")
     tensors, _ = read_safetensors(bundle.root / g["file"], mapped=False)
     by_index = {t["index"]: t["name"] for t in bundle.tasks}
     out = {by_index[int(k.split(".", 1)[1])]: v for k, v in tensors.items() if k.startswith("logits.")}

@@ -59,7 +59,8 @@ def cross_compiler(name: str) -> str | None:
 
 
 def default_schedule(name: str, target: dict) -> dict:
-    """Lanes per vector block and register tile sizes before any tuning."""
+    """The schedule rules' parameters before any tuning (``compiler/tvm_build.py``):
+    ``vec`` lanes per vector, register tiles of ``rows`` x up to ``acc / rows`` vectors."""
     if target.get("mtriple", "").startswith("aarch64"):
-        return {"vec": 8, "ti": 4, "tx": 4}  # NEON: 128-bit registers, 32 of them
-    return {"vec": 16, "ti": 4, "tx": 4}
+        return {"vec": 8, "rows": 8, "acc": 8}  # NEON: 128-bit registers (2 per vector), 32 of them
+    return {"vec": 16, "rows": 8, "acc": 16}  # AVX-512: 32 registers of 16 lanes

@@ -23,12 +23,12 @@ ALL_BACKENDS = ("numpy", "tvm", "onnxruntime", "tflite")
 
 def check_backend(bundle, name: str, target: str | None, x: np.ndarray, golden: dict) -> dict:
     """Max |logits - golden| per task for one backend; ``error`` when it cannot run."""
-    from edgecl.runtime.backends import open_backend
+    from edgecl.runtime import Session
 
     t0 = time.perf_counter()
     try:
-        opts = {"target": target} if name == "tvm" and target else {}
-        be = open_backend(bundle, name, **opts)
+        opts = {"tvm": {"target": target}} if name == "tvm" and target else {}
+        be = Session(bundle, providers=[name], provider_options=opts)
         errs = {}
         for task, ref in golden.items():
             out = np.asarray(be.logits(x, task), dtype=np.float32)

@@ -36,6 +36,7 @@ __all__ = [
     "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
     "masked_sgd_momentum_", "masked_adam_", "score_step_",
     "route_prototype", "prepare_route_prototype",
+    "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight",
 ]
 
 ENV = "EDGECL_KERNELS"
@@ -131,3 +132,6 @@ masked_adam_ = _dispatch("masked_adam_")
 score_step_ = _dispatch("score_step_")
 route_prototype = _dispatch("route_prototype")
 prepare_route_prototype = _dispatch("prepare_route_prototype")
+depthwise_conv2d = _dispatch("depthwise_conv2d")
+depthwise_conv2d_grad_input = _dispatch("depthwise_conv2d_grad_input")
+depthwise_conv2d_grad_weight = _dispatch("depthwise_conv2d_grad_weight")

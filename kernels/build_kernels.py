@@ -72,5 +72,9 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(make_builder(absolute=True).compile(tmpdir=tmp, verbose=True))
         dest = HERE / built.name
-        shutil.copy2(built, dest)
+        # a new file renamed over the old one: a process that has the old module loaded
+        # keeps its (unlinked) mapping instead of seeing its code change under it
+        part = dest.with_name(dest.name + ".part")
+        shutil.copy2(built, part)
+        os.replace(part, dest)
     print(dest)

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EK_ABI_VERSION 2
+#define EK_ABI_VERSION 3
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
     && !defined(EK_NO_CLONES)
@@ -411,5 +411,290 @@ EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fus
         out_unknown[b] = (uint8_t)((conf < threshold) || (top < novelty_floor));
     }
     if (r != stack) free(r);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- depthwise convolution */
+
+/* Every loop below adds one float32 product at a time (no FMA: -ffp-contract=off), in
+ * the order the header states, so forward and grad_input equal the numpy twin byte for
+ * byte. The inner loops run along a row (contiguous for stride 1) and vectorize; the
+ * common 3-wide kernels fuse their taps into one pass over the row where all of them
+ * fall inside the input (the same additions in the same order, fewer loads and stores). */
+
+#if defined(__GNUC__)
+#define EK_INLINE static inline __attribute__((always_inline))
+#else
+#define EK_INLINE static inline
+#endif
+
+/* The output columns [*lo, *hi) whose input column q*sw + off lies in [0, W). */
+EK_INLINE void dw_cols(int64_t off, int64_t sw, int64_t W, int64_t Wo, int64_t *lo, int64_t *hi) {
+    int64_t a = off >= 0 ? 0 : (-off + sw - 1) / sw;
+    int64_t b = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / sw + 1;
+    if (b > Wo) b = Wo;
+    if (a > b) a = b;
+    *lo = a;
+    *hi = b;
+}
+
+/* yr[q] += wv * xr[q*sw + off] for q in [lo, hi). */
+EK_INLINE void dw_madd(float *restrict yr, const float *restrict xr, float wv, int64_t lo,
+                       int64_t hi, int64_t sw, int64_t off) {
+    if (lo >= hi) return;
+    float *restrict ys = yr + lo;
+    const float *restrict xs = xr + lo * sw + off;
+    const int64_t len = hi - lo;
+    if (sw == 1) {
+        for (int64_t q = 0; q < len; q++) ys[q] = ys[q] + wv * xs[q];
+    } else if (sw == 2) {
+        for (int64_t q = 0; q < len; q++) ys[q] = ys[q] + wv * xs[2 * q];
+    } else {
+        for (int64_t q = 0; q < len; q++) ys[q] = ys[q] + wv * xs[q * sw];
+    }
+}
+
+/* The part of one input plane the taps read, [Hp, Wp], zero-padded, into P; then `tail`
+ * more zeros (the flat loops below read that far past the last row). */
+EK_INLINE void dw_pad_plane(float *restrict P, const float *restrict xp, int64_t H, int64_t W,
+                            int64_t Hp, int64_t Wp, int64_t pt, int64_t pl, int64_t tail) {
+    const int64_t s0 = pl < Wp ? pl : Wp;             /* [0, s0): left padding */
+    const int64_t s1 = pl + W < Wp ? pl + W : Wp;     /* [s0, s1): x; [s1, Wp): right padding */
+    for (int64_t r = 0; r < Hp; r++) {
+        float *restrict pr = P + r * Wp;
+        const int64_t h = r - pt;
+        if (h < 0 || h >= H) {
+            for (int64_t v = 0; v < Wp; v++) pr[v] = 0.0f;
+            continue;
+        }
+        const float *restrict xr = xp + h * W;
+        for (int64_t v = 0; v < s0; v++) pr[v] = 0.0f;
+        for (int64_t v = s0; v < s1; v++) pr[v] = xr[v - pl];
+        for (int64_t v = s1; v < Wp; v++) pr[v] = 0.0f;
+    }
+    for (int64_t t = 0; t < tail; t++) P[Hp * Wp + t] = 0.0f;
+}
+
+/* One output plane from a padded plane P (row pitch Wp), row by row: yr[q] = 0 + the
+ * taps (i, j) in order of w[i, j] * P[(oh*sh + i*dh) * Wp + q*sw + j*dw]. */
+EK_INLINE void dw_forward_rows(float *restrict yp, const float *restrict P, const float *restrict wp,
+                               int64_t Ho, int64_t Wo, int64_t Wp, int64_t kh, int64_t kw,
+                               const int64_t sh, const int64_t sw, int64_t dh, int64_t dw) {
+    for (int64_t oh = 0; oh < Ho; oh++) {
+        float *restrict yr = yp + oh * Wo;
+        const float *restrict r0 = P + oh * sh * Wp;
+        if (kh == 3 && kw == 3) {
+            const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
+                        w20 = wp[6], w21 = wp[7], w22 = wp[8];
+            const float *restrict r1 = r0 + dh * Wp, *restrict r2 = r0 + 2 * dh * Wp;
+            const int64_t d1 = dw, d2 = 2 * dw;
+            for (int64_t q = 0; q < Wo; q++) {
+                const int64_t k = q * sw;
+                float acc = 0.0f;
+                acc = acc + w00 * r0[k];
+                acc = acc + w01 * r0[k + d1];
+                acc = acc + w02 * r0[k + d2];
+                acc = acc + w10 * r1[k];
+                acc = acc + w11 * r1[k + d1];
+                acc = acc + w12 * r1[k + d2];
+                acc = acc + w20 * r2[k];
+                acc = acc + w21 * r2[k + d1];
+                acc = acc + w22 * r2[k + d2];
+                yr[q] = acc;
+            }
+            continue;
+        }
+        for (int64_t q = 0; q < Wo; q++) yr[q] = 0.0f;
+        for (int64_t i = 0; i < kh; i++)
+            for (int64_t j = 0; j < kw; j++) dw_madd(yr, r0 + i * dh * Wp, wp[i * kw + j], 0, Wo, sw, j * dw);
+    }
+}
+
+/* Stride 1 on a narrow plane: the output as one flat run over rows of pitch Wp (its
+ * columns Wo .. Wp-1 are scratch, dropped after), so the loops are long. */
+EK_INLINE void dw_forward_flat(float *restrict yp, float *restrict Y, const float *restrict P,
+                               const float *restrict wp, int64_t Ho, int64_t Wo, int64_t Wp, int64_t kh,
+                               int64_t kw, int64_t dh, int64_t dw) {
+    const int64_t L = Ho * Wp;
+    if (kh == 3 && kw == 3) {
+        const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
+                    w20 = wp[6], w21 = wp[7], w22 = wp[8];
+        const float *restrict p0 = P, *restrict p1 = P + dh * Wp, *restrict p2 = P + 2 * dh * Wp;
+        const int64_t d1 = dw, d2 = 2 * dw;
+        for (int64_t k = 0; k < L; k++) {
+            float acc = 0.0f;
+            acc = acc + w00 * p0[k];
+            acc = acc + w01 * p0[k + d1];
+            acc = acc + w02 * p0[k + d2];
+            acc = acc + w10 * p1[k];
+            acc = acc + w11 * p1[k + d1];
+            acc = acc + w12 * p1[k + d2];
+            acc = acc + w20 * p2[k];
+            acc = acc + w21 * p2[k + d1];
+            acc = acc + w22 * p2[k + d2];
+            Y[k] = acc;
+        }
+    } else {
+        for (int64_t k = 0; k < L; k++) Y[k] = 0.0f;
+        for (int64_t i = 0; i < kh; i++)
+            for (int64_t j = 0; j < kw; j++) {
+                const float wv = wp[i * kw + j];
+                const float *restrict ps = P + i * dh * Wp + j * dw;
+                for (int64_t k = 0; k < L; k++) Y[k] = Y[k] + wv * ps[k];
+            }
+    }
+    for (int64_t oh = 0; oh < Ho; oh++) memcpy(yp + oh * Wo, Y + oh * Wp, (size_t)Wo * sizeof(float));
+}
+
+/* The forward reads each input plane once into a zero-padded scratch plane (as the numpy
+ * twin pads), then runs without bounds checks: the padding's taps add w * 0 exactly as
+ * the twin's do. Returns 0, or -1 when the scratch could not be allocated. */
+EK_HOT int ek_dwconv_forward(const float *restrict x, const float *restrict w, float *restrict y,
+                             int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t kh,
+                             int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                             int64_t pl, int64_t Ho, int64_t Wo) {
+    const int64_t O = C * M;
+    const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
+    const int flat = sh == 1 && sw == 1 && Wo < 16;
+    const int64_t tail = flat ? (kw - 1) * dw : 0;
+    float *P = (float *)malloc((size_t)(Hp * Wp + tail + (flat ? Ho * Wp : 0)) * sizeof(float));
+    if (!P) return -1;
+    float *Y = P + Hp * Wp + tail;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            dw_pad_plane(P, x + (n * C + c) * H * W, H, W, Hp, Wp, pt, pl, tail);
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t o = c * M + m;
+                const float *wp = w + o * kh * kw;
+                float *yp = y + (n * O + o) * Ho * Wo;
+                /* constant strides give the compiler loops it can specialize */
+                if (flat)
+                    dw_forward_flat(yp, Y, P, wp, Ho, Wo, Wp, kh, kw, dh, dw);
+                else if (sh == 1 && sw == 1)
+                    dw_forward_rows(yp, P, wp, Ho, Wo, Wp, kh, kw, 1, 1, dh, dw);
+                else if (sh == 2 && sw == 2)
+                    dw_forward_rows(yp, P, wp, Ho, Wo, Wp, kh, kw, 2, 2, dh, dw);
+                else
+                    dw_forward_rows(yp, P, wp, Ho, Wo, Wp, kh, kw, sh, sw, dh, dw);
+            }
+        }
+    free(P);
+    return 0;
+}
+
+EK_HOT void ek_dwconv_grad_input(const float *restrict gy, const float *restrict w,
+                                 float *restrict gx, int64_t N, int64_t C, int64_t H, int64_t W,
+                                 int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                 int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
+                                 int64_t Wo) {
+    const int64_t O = C * M;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            float *gxp = gx + (n * C + c) * H * W;
+            for (int64_t h = 0; h < H; h++) {
+                float *restrict gxr = gxp + h * W;
+                for (int64_t v = 0; v < W; v++) gxr[v] = 0.0f;
+                for (int64_t i = 0; i < kh; i++) {
+                    const int64_t t = h + pt - i * dh;
+                    if (t < 0 || t % sh) continue;
+                    const int64_t p = t / sh;
+                    if (p >= Ho) continue;
+                    if (M == 1 && kw == 3 && sw == 1) {
+                        /* gxr[v] += w[i, j] * gyr[v - off_j], j = 0, 1, 2, fused where all
+                         * three columns v - off_j fall in [0, Wo) */
+                        const float *restrict gyr = gy + ((n * O + c) * Ho + p) * Wo;
+                        const float *restrict wr = w + (c * kh + i) * 3;
+                        const int64_t off0 = -pl, off2 = 2 * dw - pl;
+                        int64_t a = off2 > 0 ? off2 : 0, b = Wo + off0 < W ? Wo + off0 : W;
+                        if (a < b) {
+                            const float w0 = wr[0], w1 = wr[1], w2 = wr[2];
+                            float *restrict gs = gxr + a;
+                            const float *restrict g0 = gyr + (a - off0);
+                            const float *restrict g1 = g0 - dw;
+                            const float *restrict g2 = g0 - 2 * dw;
+                            for (int64_t q = 0; q < b - a; q++)
+                                gs[q] = ((gs[q] + w0 * g0[q]) + w1 * g1[q]) + w2 * g2[q];
+                        } else {
+                            a = b = 0;
+                        }
+                        for (int64_t j = 0; j < 3; j++) {
+                            const int64_t off = j * dw - pl;
+                            int64_t lo, hi;
+                            dw_cols(off, 1, W, Wo, &lo, &hi); /* q range; v = q + off */
+                            /* the parts of [lo + off, hi + off) outside [a, b) */
+                            int64_t e1 = a - off < hi ? a - off : hi;
+                            int64_t s2 = b - off > lo ? b - off : lo;
+                            if (a >= b) { e1 = hi; s2 = hi; }
+                            for (int64_t q = lo; q < e1; q++) gxr[q + off] = gxr[q + off] + wr[j] * gyr[q];
+                            for (int64_t q = s2; q < hi; q++) gxr[q + off] = gxr[q + off] + wr[j] * gyr[q];
+                        }
+                        continue;
+                    }
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int64_t off = j * dw - pl;
+                        int64_t lo, hi;
+                        dw_cols(off, sw, W, Wo, &lo, &hi);
+                        if (lo >= hi) continue;
+                        for (int64_t m = 0; m < M; m++) {
+                            const int64_t o = c * M + m;
+                            const float *restrict gyr = gy + ((n * O + o) * Ho + p) * Wo;
+                            const float wv = w[(o * kh + i) * kw + j];
+                            if (sw == 1) {
+                                float *restrict gs = gxr + lo + off;
+                                const float *restrict ys = gyr + lo;
+                                for (int64_t q = 0; q < hi - lo; q++) gs[q] = gs[q] + wv * ys[q];
+                            } else {
+                                for (int64_t q = lo; q < hi; q++)
+                                    gxr[q * sw + off] = gxr[q * sw + off] + wv * gyr[q];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+}
+
+EK_HOT int ek_dwconv_grad_weight(const float *restrict x, const float *restrict gy,
+                                 float *restrict gw, int64_t N, int64_t C, int64_t H, int64_t W,
+                                 int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                 int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
+                                 int64_t Wo) {
+    const int64_t O = C * M, T = kh * kw;
+    float *acc = (float *)malloc((size_t)(T * Wo) * sizeof(float));
+    if (!acc) return -1;
+    for (int64_t o = 0; o < O; o++) {
+        for (int64_t k = 0; k < T * Wo; k++) acc[k] = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            const float *xp = x + (n * C + o / M) * H * W;
+            const float *gyp = gy + (n * O + o) * Ho * Wo;
+            for (int64_t p = 0; p < Ho; p++) {
+                const float *restrict gyr = gyp + p * Wo;
+                for (int64_t i = 0; i < kh; i++) {
+                    const int64_t ih = p * sh - pt + i * dh;
+                    if (ih < 0 || ih >= H) continue;
+                    const float *restrict xr = xp + ih * W;
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int64_t off = j * dw - pl;
+                        int64_t lo, hi;
+                        dw_cols(off, sw, W, Wo, &lo, &hi);
+                        if (lo >= hi) continue;
+                        float *restrict ar = acc + (i * kw + j) * Wo;
+                        if (sw == 1) {
+                            const float *restrict xs = xr + lo + off;
+                            for (int64_t q = lo; q < hi; q++) ar[q] = ar[q] + gyr[q] * xs[q - lo];
+                        } else {
+                            for (int64_t q = lo; q < hi; q++) ar[q] = ar[q] + gyr[q] * xr[q * sw + off];
+                        }
+                    }
+                }
+            }
+        }
+        for (int64_t k = 0; k < T; k++) {
+            float s = 0.0f;
+            for (int64_t q = 0; q < Wo; q++) s = s + acc[k * Wo + q];
+            gw[o * T + k] = s;
+        }
+    }
+    free(acc);
     return 0;
 }

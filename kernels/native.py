@@ -15,7 +15,7 @@ from . import reference as R
 from ._native import ffi, lib
 
 NAME = "native"
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 if lib.ek_abi_version() != ABI_VERSION:
     raise ImportError(f"edgecl.kernels._native has ABI version {lib.ek_abi_version()}, "
@@ -250,9 +250,62 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
     return route
 
 
+# ---------------------------------------------------------------- depthwise convolution
+
+def _dw_dims(geo):
+    n, c, h, w, m, kh, kw, sh, sw, dh, dw, pt, pl, _, _, ho, wo = geo
+    return n, c, h, w, m, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo
+
+
+def depthwise_conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                     out: np.ndarray | None = None) -> np.ndarray:
+    C.f32("x", x)
+    C.f32("w", w)
+    geo = R.dwconv_args(x.shape, w.shape, strides, pads, dilations)
+    n, c, m, ho, wo = geo[0], geo[1], geo[4], geo[15], geo[16]
+    out = R._dw_out("out", out, (n, c * m, ho, wo), ("x", x), ("w", w))
+    if out.size and lib.ek_dwconv_forward(_p(x, "float[]"), _p(w, "float[]"), _p(out, "float[]"),
+                                          *_dw_dims(geo)):
+        raise MemoryError("depthwise_conv2d: no scratch plane for the padded input")
+    return out
+
+
+def depthwise_conv2d_grad_input(gy: np.ndarray, w: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0, 0, 0),
+                                dilations=(1, 1), out: np.ndarray | None = None) -> np.ndarray:
+    C.f32("gy", gy)
+    C.f32("w", w)
+    geo = R.dwconv_args(C.shape_of("x_shape", x_shape), w.shape, strides, pads, dilations)
+    n, c, h, wd, m, ho, wo = geo[0], geo[1], geo[2], geo[3], geo[4], geo[15], geo[16]
+    if gy.shape != (n, c * m, ho, wo):
+        raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
+    out = R._dw_out("out", out, (n, c, h, wd), ("gy", gy), ("w", w))
+    if out.size:
+        lib.ek_dwconv_grad_input(_p(gy, "float[]"), _p(w, "float[]"), _p(out, "float[]"), *_dw_dims(geo))
+    return out
+
+
+def depthwise_conv2d_grad_weight(x: np.ndarray, gy: np.ndarray, kernel_shape, strides=(1, 1),
+                                 pads=(0, 0, 0, 0), dilations=(1, 1),
+                                 out: np.ndarray | None = None) -> np.ndarray:
+    C.f32("x", x)
+    C.f32("gy", gy)
+    kh, kw = R._ints("kernel_shape", kernel_shape, 2, 1)
+    if gy.ndim != 4:
+        raise ValueError(f"gy must be [N, C * M, Ho, Wo], got shape {gy.shape}")
+    geo = R.dwconv_args(x.shape, (gy.shape[1], 1, kh, kw), strides, pads, dilations)
+    n, c, m, ho, wo = geo[0], geo[1], geo[4], geo[15], geo[16]
+    if gy.shape != (n, c * m, ho, wo):
+        raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
+    out = R._dw_out("out", out, (c * m, 1, kh, kw), ("x", x), ("gy", gy))
+    if lib.ek_dwconv_grad_weight(_p(x, "float[]"), _p(gy, "float[]"), _p(out, "float[]"), *_dw_dims(geo)):
+        raise MemoryError(f"depthwise_conv2d_grad_weight: no scratch rows of {kh * kw * wo} floats")
+    return out
+
+
 for _name in ("materialize_bits", "materialize_units", "pack", "unpack", "owner_mask", "free_mask",
               "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
               "masked_sgd_momentum_", "masked_adam_", "score_step_", "route_prototype",
-              "prepare_route_prototype"):
+              "prepare_route_prototype", "depthwise_conv2d", "depthwise_conv2d_grad_input",
+              "depthwise_conv2d_grad_weight"):
     globals()[_name].__doc__ = getattr(R, _name).__doc__
 del _name

@@ -371,3 +371,137 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
 
     route.d, route.tasks = d, t
     return route
+
+
+# ---------------------------------------------------------------- depthwise convolution
+
+def _ints(name: str, v, n: int, least: int) -> tuple[int, ...]:
+    try:
+        t = tuple(C.count(name, k) for k in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {n} integers >= {least}, got {v!r}") from None
+    if len(t) != n or min(t) < least:
+        raise ValueError(f"{name} must be {n} integers >= {least}, got {v!r}")
+    return t
+
+
+def dwconv_args(x_shape, w_shape, strides, pads, dilations) -> tuple[int, ...]:
+    """Checks of a depthwise convolution's geometry; returns (N, C, H, W, M, kh, kw, sh, sw,
+    dh, dw, pt, pl, pb, pr, Ho, Wo): x [N, C, H, W], weight [C * M, 1, kh, kw] (M output
+    channels per input channel), ONNX's strides, pads (top, left, bottom, right) and
+    dilations."""
+    x_shape, w_shape = tuple(x_shape), tuple(w_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"x must be NCHW (4-D), got shape {x_shape}")
+    if len(w_shape) != 4 or w_shape[1] != 1 or min(w_shape) < 1:
+        raise ValueError(f"w must be [C * M, 1, kh, kw] (one input channel per group), got {w_shape}")
+    n, c, h, w = x_shape
+    if c < 1 or w_shape[0] % c:
+        raise ValueError(f"w has {w_shape[0]} output channels, not a multiple of x's {c} channels")
+    sh, sw = _ints("strides", strides, 2, 1)
+    dh, dw = _ints("dilations", dilations, 2, 1)
+    pt, pl, pb, pr = _ints("pads", pads, 4, 0)
+    kh, kw = w_shape[2], w_shape[3]
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x of shape {x_shape} is too small for a {kh}x{kw} kernel (with these pads and "
+                         f"dilations)")
+    return n, c, h, w, w_shape[0] // c, kh, kw, sh, sw, dh, dw, pt, pl, pb, pr, ho, wo
+
+
+def _dw_taps(geo):
+    """(i, j, index of the tap's input samples in the padded input), taps in order."""
+    _, _, _, _, _, kh, kw, sh, sw, dh, dw, _, _, _, _, ho, wo = geo
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, (slice(None), slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh),
+                         slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
+
+
+def _dw_pad(x, geo):
+    pt, pl, pb, pr = geo[11:15]
+    if not (pt or pl or pb or pr):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+
+
+def _dw_out(name, out, shape, *inputs):
+    out = C.out_array(name, out, shape, np.float32)
+    for k, a in inputs:
+        C.no_overlap(**{k: a, name: out})
+    return out
+
+
+def depthwise_conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Depthwise convolution (no bias), NCHW: ``x`` [N, C, H, W], ``w`` [C * M, 1, kh, kw];
+    output channel ``o`` reads input channel ``o // M``. Returns [N, C * M, Ho, Wo]: per
+    output, ``0 + Σ w[o, i, j] · x[...]`` added one float32 product at a time over the taps
+    (i, j) in order (the C kernel skips taps on the padding, which add ±0)."""
+    C.f32("x", x)
+    C.f32("w", w)
+    geo = dwconv_args(x.shape, w.shape, strides, pads, dilations)
+    n, c, _, _, m, kh, kw = geo[:7]
+    ho, wo = geo[15:]
+    out = _dw_out("out", out, (n, c * m, ho, wo), ("x", x), ("w", w))
+    xp = _dw_pad(x, geo)
+    out5 = out.reshape(n, c, m, ho, wo)
+    out5.fill(0)
+    w4 = w.reshape(c, m, kh, kw)
+    tmp = np.empty_like(out5)
+    for i, j, sl in _dw_taps(geo):
+        np.multiply(xp[sl][:, :, None], w4[None, :, :, i, j, None, None], out=tmp)
+        out5 += tmp
+    return out
+
+
+def depthwise_conv2d_grad_input(gy: np.ndarray, w: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0, 0, 0),
+                                dilations=(1, 1), out: np.ndarray | None = None) -> np.ndarray:
+    """dL/dx of :func:`depthwise_conv2d` from ``gy`` = dL/dy: per input element, the sum
+    over the taps (i, j) and then the channel multiplier m, in that order, one float32
+    product at a time."""
+    C.f32("gy", gy)
+    C.f32("w", w)
+    geo = dwconv_args(C.shape_of("x_shape", x_shape), w.shape, strides, pads, dilations)
+    n, c, h, wd, m, kh, kw = geo[:7]
+    pt, pl = geo[11:13]
+    ho, wo = geo[15:]
+    if gy.shape != (n, c * m, ho, wo):
+        raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
+    out = _dw_out("out", out, (n, c, h, wd), ("gy", gy), ("w", w))
+    gxp = np.zeros((n, c, h + geo[11] + geo[13], wd + geo[12] + geo[14]), np.float32)
+    gy5 = gy.reshape(n, c, m, ho, wo)
+    w4 = w.reshape(c, m, kh, kw)
+    tmp = np.empty((n, c, ho, wo), np.float32)
+    for i, j, sl in _dw_taps(geo):
+        for k in range(m):
+            np.multiply(gy5[:, :, k], w4[None, :, k, i, j, None, None], out=tmp)
+            gxp[sl] += tmp
+    np.copyto(out, gxp[:, :, pt : pt + h, pl : pl + wd])
+    return out
+
+
+def depthwise_conv2d_grad_weight(x: np.ndarray, gy: np.ndarray, kernel_shape, strides=(1, 1),
+                                 pads=(0, 0, 0, 0), dilations=(1, 1),
+                                 out: np.ndarray | None = None) -> np.ndarray:
+    """dL/dw [C * M, 1, kh, kw] of :func:`depthwise_conv2d` from ``x`` and ``gy`` = dL/dy.
+    Sums of many products: the C kernel and this twin add them in different orders, so they
+    agree to float32 rounding (not byte for byte)."""
+    C.f32("x", x)
+    C.f32("gy", gy)
+    kh, kw = _ints("kernel_shape", kernel_shape, 2, 1)
+    if gy.ndim != 4:
+        raise ValueError(f"gy must be [N, C * M, Ho, Wo], got shape {gy.shape}")
+    geo = dwconv_args(x.shape, (gy.shape[1], 1, kh, kw), strides, pads, dilations)
+    n, c, _, _, m = geo[:5]
+    ho, wo = geo[15:]
+    if gy.shape != (n, c * m, ho, wo):
+        raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
+    out = _dw_out("out", out, (c * m, 1, kh, kw), ("x", x), ("gy", gy))
+    xp = _dw_pad(x, geo)
+    gy5 = gy.reshape(n, c, m, ho, wo)
+    gw = out.reshape(c, m, kh, kw)
+    for i, j, sl in _dw_taps(geo):
+        gw[:, :, i, j] = (gy5 * xp[sl][:, :, None]).sum(axis=(0, 3, 4))
+    return out

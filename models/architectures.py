@@ -1,7 +1,10 @@
-"""Layer tables for the backbones (plain data, no torch: the bundle stores them).
+"""The built-in small backbones (an MLP and a small CNN) as model graphs.
 
-See ``edgecl.runtime.executor`` for the ops. Maskable layers are the linear and conv2d
-entries; their weights are ``<name>.weight`` / ``<name>.bias`` in the backbone file.
+Both are written as the simple layer tables of format 1 and read through
+:func:`edgecl.runtime.graph.from_layers`, so they are graphs like any imported model:
+maskable weights are every Linear and Conv weight, ``<name>.weight`` / ``<name>.bias``.
+Real backbones (MobileNet, DS-CNN, ResNet-8, ...) come from the zoo
+(``edgecl.models.zoo``) or a user's own module through ``edgecl.models.importer``.
 """
 
 from __future__ import annotations
@@ -9,9 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from edgecl.runtime.layers import weight_shape, weighted
-
-__all__ = ["ARCHS", "build", "cnn", "feature_dim", "mlp", "n_weights", "weight_shape", "weighted"]
+from edgecl.runtime.graph import Graph, from_layers
 
 ARCHS = ("mlp", "cnn")
 
@@ -49,23 +50,20 @@ def cnn(input_shape: Sequence[int] = (1, 8, 8), channels: Sequence[int] = (16, 3
     return layers
 
 
+def model_input_shape(arch: str, data_shape: Sequence[int]) -> tuple[int, ...]:
+    return (math.prod(data_shape),) if arch == "mlp" else tuple(int(s) for s in data_shape)
+
+
 def build(arch: str, input_shape: Sequence[int], *, hidden: Sequence[int] | None = None,
-          bias: bool = True) -> list[dict]:
-    """The layer table of ``arch`` for inputs of ``input_shape`` (without the batch axis)."""
+          bias: bool = True) -> Graph:
+    """The graph of ``arch`` for data of ``input_shape`` (without the batch axis)."""
+    shape = model_input_shape(arch, input_shape)
     if arch == "mlp":
-        return mlp(math.prod(input_shape), hidden or (256, 256), bias)
-    if arch == "cnn":
+        layers = mlp(math.prod(input_shape), hidden or (256, 256), bias)
+    elif arch == "cnn":
         if len(input_shape) != 3:
             raise ValueError(f"cnn takes (channels, height, width) inputs, got {tuple(input_shape)}")
-        return cnn(input_shape, hidden[:-1] if hidden else (16, 32),
-                   hidden[-1] if hidden else 128, bias)
-    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
-
-
-def feature_dim(layers: Sequence[dict]) -> int:
-    return weighted(layers)[-1]["out_features"]
-
-
-def n_weights(layers: Sequence[dict]) -> int:
-    """Backbone weights (not biases): what a weight-level mask covers."""
-    return sum(math.prod(weight_shape(layer)) for layer in weighted(layers))
+        layers = cnn(input_shape, hidden[:-1] if hidden else (16, 32), hidden[-1] if hidden else 128, bias)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    return from_layers(layers, shape, name=arch)

@@ -8,6 +8,7 @@ stream's labels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +139,61 @@ def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.25,
                   {"data": str(path), "seed": seed, "test_fraction": test_fraction})
 
 
-def load_stream(data: str, *, seed: int = 0, n_tasks: int | None = None) -> Stream:
-    """``split-digits``, ``permuted-digits`` or a path to an ``.npz`` file."""
+def fit_input(x: np.ndarray, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+    """Samples made to fit a model's input: reshaped when the sizes agree; images
+    resized (bilinear, half-pixel centres, as PyTorch's ``interpolate``) and their
+    channels repeated for a larger image model; for a vector model, the flattened sample
+    linearly resampled to its length; for a token model (int64 input), each
+    pixel becomes a token ``1000 + round(16 * value)``, padded with 0 to its length."""
+    shape = tuple(int(s) for s in shape)
+    n = len(x)
+    if dtype == "int64":
+        if len(shape) != 1:
+            raise DataError(f"a token model takes [length] inputs, not {shape}")
+        flat = np.rint(np.clip(x.reshape(n, -1), 0, 1) * 16).astype(np.int64) + 1000
+        out = np.zeros((n, shape[0]), np.int64)
+        k = min(shape[0], flat.shape[1])
+        out[:, :k] = flat[:, :k]
+        return out
+    if math.prod(x.shape[1:]) == math.prod(shape):
+        return x.reshape(n, *shape).astype(np.float32, copy=False)
+    if len(shape) == 1:  # a vector model (e.g. 640 audio features): the flattened sample, resampled
+        flat = x.reshape(n, -1).astype(np.float32)
+        pos = np.linspace(0, flat.shape[1] - 1, shape[0])
+        return np.stack([np.interp(pos, np.arange(flat.shape[1]), row) for row in flat]).astype(np.float32)
+    if x.ndim != 4 or len(shape) != 3:
+        raise DataError(f"samples of shape {x.shape[1:]} cannot be fitted to a model input {shape}")
+    c, h, w = shape
+    if x.shape[1] not in (1, c):
+        raise DataError(f"samples have {x.shape[1]} channels, the model takes {c}")
+
+    def interp(size_in: int, size_out: int) -> np.ndarray:
+        pos = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, size_in - 1)
+        m = np.zeros((size_out, size_in), np.float32)
+        m[np.arange(size_out), lo] += 1 - (pos - lo)
+        m[np.arange(size_out), hi] += pos - lo
+        return m
+
+    y = np.einsum("hi,ncij,wj->nchw", interp(x.shape[2], h), x.astype(np.float32), interp(x.shape[3], w))
+    if y.shape[1] != c:
+        y = np.repeat(y, c, axis=1)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _fitted(stream: Stream, shape: tuple[int, ...], dtype: str) -> Stream:
+    for t in stream.tasks:
+        t.x_train, t.x_test = fit_input(t.x_train, shape, dtype), fit_input(t.x_test, shape, dtype)
+    stream.input_shape = tuple(shape)
+    stream.spec = {**stream.spec, "fit": {"shape": list(shape), "dtype": dtype}}
+    return stream
+
+
+def load_stream(data: str, *, seed: int = 0, n_tasks: int | None = None,
+                fit: tuple[tuple[int, ...], str] | None = None) -> Stream:
+    """``split-digits``, ``permuted-digits`` or a path to an ``.npz`` file; with ``fit``
+    (a model's input shape and dtype), samples are made to fit it (``fit_input``)."""
     if data == "split-digits":
         stream = split_digits(seed)
     elif data == "permuted-digits":
@@ -152,4 +206,13 @@ def load_stream(data: str, *, seed: int = 0, n_tasks: int | None = None) -> Stre
         if not 1 <= n_tasks <= len(stream):
             raise DataError(f"{data}: --tasks {n_tasks} is outside 1..{len(stream)}")
         stream.tasks = stream.tasks[:n_tasks]
+    if fit is not None and (math.prod(fit[0]) != math.prod(stream.input_shape) or fit[1] != "float32"):
+        stream = _fitted(stream, tuple(fit[0]), fit[1])
     return stream
+
+
+def load_spec(spec: dict, n_tasks: int | None = None) -> Stream:
+    """The stream a run or bundle recorded (``Stream.spec``), fitted as it was."""
+    fit = spec.get("fit")
+    return load_stream(spec["data"], seed=spec.get("seed", 0), n_tasks=n_tasks or spec.get("n_tasks"),
+                       fit=None if not fit else (tuple(fit["shape"]), fit["dtype"]))

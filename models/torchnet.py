@@ -1,61 +1,70 @@
-"""The layer table run in PyTorch, functionally, so each method supplies its own weights."""
+"""A model graph run in PyTorch, functionally, so each method supplies its own weights.
+
+Each node runs through its op's ``torch`` definition in the registry; no op switch here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from .architectures import weight_shape, weighted
+from edgecl.runtime.graph import Graph
+from edgecl.runtime.ops import get_op
 
-Params = Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+Params = Mapping[str, torch.Tensor]
 
 
-def features(layers: Sequence[dict], params: Params, x: torch.Tensor,
+def features(graph: Graph, params: Params, x: torch.Tensor,
              gates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Backbone features. ``gates[name]`` (HAT) scales that layer's output units."""
-    h = x
-    for layer in layers:
-        op = layer["op"]
-        if op in ("linear", "conv2d"):
-            w, b = params[layer["name"]]
-            if op == "linear":
-                h = F.linear(h, w, b)
-            else:
-                h = F.conv2d(h, w, b, stride=layer["stride"], padding=layer["padding"])
-            if gates is not None and layer["name"] in gates:
-                g = gates[layer["name"]]
-                h = h * (g.view(1, -1, 1, 1) if op == "conv2d" else g)
-        elif op == "relu":
-            h = F.relu(h)
-        elif op == "maxpool2d":
-            h = F.max_pool2d(h, layer["kernel_size"])
-        elif op == "flatten":
-            h = h.flatten(1)
-        else:
-            raise ValueError(f"unknown op {op!r}")
-    return h
+    """Backbone features. ``params`` maps every parameter name to a tensor;
+    ``gates[node]`` (HAT) scales that node's output units."""
+    values: dict[str, torch.Tensor] = {graph.input.name: x}
+    for n in graph.backbone_nodes:
+        op = get_op(n.op)
+        ys = op.torch([values[i] if i in values else params[i] for i in n.inputs], n.attrs)
+        if gates is not None and n.name in gates:
+            axis = op.mask.out_axis % ys[0].dim()
+            shape = [1] * ys[0].dim()
+            shape[axis] = -1
+            ys = [ys[0] * gates[n.name].view(shape)]
+        values.update(zip(n.outputs, ys, strict=True))
+    return values[graph.features]
 
 
-def init_backbone(layers: Sequence[dict], gen: torch.Generator, *,
+def init_backbone(graph: Graph, gen: torch.Generator, *,
                   signed_constant: bool = False) -> dict[str, torch.Tensor]:
-    """Kaiming-uniform weights (PyTorch's default), or SupSup's signed Kaiming constant."""
+    """Initial weights by role: SupSup's signed Kaiming constant for the masked weights;
+    else PyTorch's default (uniform, bound 1/sqrt(fan_in)) for the built-in mlp/cnn, and
+    He-uniform (bound sqrt(6/fan_in)) for deeper graphs (a zoo model without its
+    normalization layers, folded away at import, would lose its signal with PyTorch's)."""
+    he = graph.name not in ("mlp", "cnn")
     out: dict[str, torch.Tensor] = {}
-    for layer in weighted(layers):
-        shape = weight_shape(layer)
-        fan_in = 1
-        for s in shape[1:]:
-            fan_in *= s
-        bound = 1.0 / fan_in**0.5
-        if signed_constant:
-            std = (2.0 / fan_in) ** 0.5
-            sign = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
-            out[f"{layer['name']}.weight"] = sign * std
-        else:
-            out[f"{layer['name']}.weight"] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
-        if layer["bias"]:
-            out[f"{layer['name']}.bias"] = (torch.rand(shape[0], generator=gen) * 2 - 1) * bound
+    fan_in: dict[str, int] = {}
+    for site in graph.mask_sites():
+        fan_in[site.weight] = max(1, int(torch.tensor(site.shape[1:]).prod()) if len(site.shape) > 1 else 1)
+        if site.bias:
+            fan_in[site.bias] = fan_in[site.weight]
+    masked = {s.weight for s in graph.mask_sites()}
+    for p in graph.params.values():
+        shape = p.shape
+        if p.role == "weight":
+            fi = fan_in.get(p.name) or max(1, int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
+            if signed_constant and p.name in masked:
+                sign = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+                out[p.name] = sign * (2.0 / fi) ** 0.5
+            else:
+                bound = (6.0 / fi) ** 0.5 if he else 1.0 / fi**0.5
+                out[p.name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        elif p.role == "bias":
+            fi = fan_in.get(p.name, shape[0] if shape else 1)
+            out[p.name] = torch.zeros(shape) if he else (torch.rand(shape, generator=gen) * 2 - 1) / fi**0.5
+        elif p.role in ("scale", "var"):
+            out[p.name] = torch.ones(shape)
+        elif p.role == "embedding":
+            out[p.name] = torch.randn(shape, generator=gen)
+        else:  # mean, const, ...
+            out[p.name] = torch.zeros(shape)
     return out
 
 

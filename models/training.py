@@ -9,7 +9,6 @@ training the same directory with a larger ``--tasks`` continues where it stopped
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import save as st_save
 
 from edgecl.runtime.bundle_format import atomic_write_bytes
 from edgecl.runtime.errors import EdgeclError
+from edgecl.runtime.graph import Graph, GraphError, from_model
 
 from . import architectures
 from .data import Stream, load_stream
@@ -44,14 +44,14 @@ class Run:
     def tasks(self) -> list[dict]:
         return self.method.tasks
 
+    @property
+    def graph(self) -> Graph:
+        return self.method.graph
 
-def model_input_shape(arch: str, data_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (math.prod(data_shape),) if arch == "mlp" else tuple(data_shape)
 
-
-def new_method(config: dict) -> Method:
+def new_method(config: dict, backbone: dict[str, np.ndarray] | None = None) -> Method:
     cls = METHODS[config["method"]]
-    return cls(config["layers"], tuple(config["input_shape"]), config["seed"], **config["hparams"])
+    return cls(from_model(config), config["seed"], backbone, **config["hparams"])
 
 
 def save_run(run: Run) -> None:
@@ -81,9 +81,14 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{state_path}: missing") from None
     except Exception as e:
         raise RunError(f"{state_path}: corrupt ({e})") from e
-    config = {k: doc[k] for k in ("method", "arch", "hidden", "input_shape", "layers", "seed",
-                                  "hparams", "stream")}
-    method = new_method(config)
+    keys = ("method", "arch", "hidden", "input_shape", "seed", "hparams", "stream")
+    config = {k: doc[k] for k in keys}
+    # a run of format 1 holds a layer table; read it as a graph
+    config["graph"] = doc["graph"] if "graph" in doc else from_model(doc).to_dict()
+    try:
+        method = new_method(config)
+    except (GraphError, ValueError) as e:
+        raise RunError(f"{cfg_path}: {e}") from e
     try:
         method.load_state(state, doc["tasks"], doc["before_acc"], doc["init_acc"])
     except KeyError as e:
@@ -93,17 +98,25 @@ def load_run(path: str | Path) -> Run:
 
 def train(data: str, method: str, out: str | Path, *, n_tasks: int | None = None, seed: int = 0,
           arch: str = "mlp", hidden: list[int] | None = None, hparams: dict | None = None,
-          backbone: dict[str, np.ndarray] | None = None,
+          backbone: dict[str, np.ndarray] | None = None, graph: Graph | None = None,
           log: Callable[[str], None] = print) -> Run:
     """Learn the first ``n_tasks`` tasks of ``data`` with ``method`` into ``out``.
 
-    If ``out`` already holds a run of the same configuration, it continues from the
-    tasks it has learned.
+    The model is ``graph`` (an imported or zoo model, with its weights in ``backbone``)
+    or the built-in ``arch`` (mlp, cnn). If ``out`` already holds a run of the same
+    configuration, it continues from the tasks it has learned.
     """
     if method not in METHODS:
         raise RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    stream: Stream = load_stream(data, seed=seed, n_tasks=n_tasks)
     out = Path(out)
+    if graph is not None and (out / "run.json").exists():
+        graph = None  # continuing: the run holds its graph
+    stream: Stream = load_stream(data, seed=seed, n_tasks=n_tasks,
+                                 fit=None if graph is None else (graph.input_shape, graph.input.dtype))
+    if (out / "run.json").exists():
+        fit = load_run(out).config["stream"].get("fit")
+        if fit:
+            stream = load_stream(data, seed=seed, n_tasks=n_tasks, fit=(tuple(fit["shape"]), fit["dtype"]))
     if (out / "run.json").exists():
         run = load_run(out)
         want = {"method": method, "arch": arch, "seed": seed, "stream": stream.spec}
@@ -115,23 +128,19 @@ def train(data: str, method: str, out: str | Path, *, n_tasks: int | None = None
             raise RunError(f"{out}: learned tasks {learned} are not the start of {data}")
         log(f"{out}: continuing after {len(run.tasks)} learned task(s)")
     else:
-        shape = model_input_shape(arch, stream.input_shape)
         cls = METHODS[method]
-        try:
-            layers = architectures.build(arch, stream.input_shape, hidden=hidden, bias=cls.uses_bias)
-        except ValueError as e:
-            raise RunError(str(e)) from e
-        config = {"method": method, "arch": arch, "hidden": hidden, "input_shape": list(shape),
-                  "layers": layers, "seed": seed, "hparams": dict(hparams or {}),
+        if graph is None:
+            try:
+                graph = architectures.build(arch, stream.input_shape, hidden=hidden, bias=cls.uses_bias)
+            except (ValueError, GraphError) as e:
+                raise RunError(str(e)) from e
+        config = {"method": method, "arch": arch, "hidden": hidden, "input_shape": list(graph.input_shape),
+                  "graph": graph.to_dict(), "seed": seed, "hparams": dict(hparams or {}),
                   "stream": stream.spec}
         try:
-            run = Run(out, config, new_method(config), [])
-        except ValueError as e:
+            run = Run(out, config, new_method(config, backbone), [])
+        except (ValueError, GraphError) as e:
             raise RunError(str(e)) from e
-        if backbone is not None:
-            if not hasattr(run.method, "set_backbone"):
-                raise RunError(f"--backbone is for piggyback, not {method}")
-            run.method.set_backbone(backbone)
     for i in range(len(run.tasks), len(stream)):
         task = stream.tasks[i]
         run.method.learn(task)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .bundle_format import MANIFEST, VERSIONS_DIR, parse_manifest, sha256_file
 from .errors import BundleError, UnknownTaskError
+from .graph import Graph, GraphError, from_model
 from .safetensors_mmap import read_safetensors
 
 
@@ -74,6 +75,14 @@ class Bundle:
     @property
     def model(self) -> dict:
         return self.manifest["model"]
+
+    @cached_property
+    def graph(self) -> Graph:
+        """The model graph (a format-1 layer table is read as one)."""
+        try:
+            return from_model(self.model)
+        except GraphError as e:
+            raise BundleError(self.root / MANIFEST, f"model: {e}") from None
 
     @property
     def tasks(self) -> list[dict]:

@@ -101,7 +101,7 @@ def task_storage(tensors: dict[str, np.ndarray], n_weights: int, file_bytes: int
 
 
 def _safetensors(tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    return st_save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, metadata=metadata)
+    return st_save({k: np.asarray(v, order="C") for k, v in sorted(tensors.items())}, metadata=metadata)
 
 
 def commit(root: str | Path, *, model: dict, backbone: Mapping[str, np.ndarray] | None,

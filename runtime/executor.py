@@ -1,72 +1,115 @@
-"""The numpy reference executor: runs a layer table with a task's materialized weights.
+"""The numpy reference executor: runs a model graph with a task's effective parameters.
 
-A layer table is the list of ops the manifest stores under ``model.layers``:
-
-* ``{"op": "linear", "name", "in_features", "out_features", "bias"}``
-* ``{"op": "conv2d", "name", "in_channels", "out_channels", "kernel_size", "stride",
-  "padding", "bias"}`` (NCHW, square kernels)
-* ``{"op": "relu"}``, ``{"op": "maxpool2d", "kernel_size"}``, ``{"op": "flatten"}``
-
-The task's head (``head.weight`` [classes, features], ``head.bias``) follows the table.
-Every other backend must match this one (to 1e-5 against PyTorch).
+Every other backend must match this one (to 1e-5 against PyTorch on the small models,
+1e-4 on the zoo). Values are freed after their last use, so peak memory is the live
+set, not the whole graph. Nothing is computed in place: an op never writes into its
+inputs, which may be the caller's arrays or mapped, read-only weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-Params = Mapping[str, tuple[np.ndarray, np.ndarray | None]]
+from .graph import Graph, GraphError, Node
+from .ops import OpError, get_op
+
+Params = Mapping[str, np.ndarray]
 
 
-def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int) -> np.ndarray:
-    if pad:
-        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    k = w.shape[-1]
-    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
-    # win: N, C, Ho, Wo, k, k  ->  out: N, O, Ho, Wo
-    out = np.einsum("nchwij,ocij->nohw", win, w, optimize=True)
-    if b is not None:
-        out += b[None, :, None, None]
-    return out
+def _last_use(nodes: list[Node], keep: set[str]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for name in n.inputs:
+            last[name] = i
+    for name in keep:
+        last[name] = len(nodes)
+    return last
 
 
-def _maxpool2d(x: np.ndarray, k: int) -> np.ndarray:
-    n, c, h, w = x.shape
-    ho, wo = h // k, w // k
-    x = x[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
-    return x.max(axis=(3, 5))
+def _run_node(n: Node, xs: list[np.ndarray]) -> list[np.ndarray]:
+    try:
+        return get_op(n.op).forward(xs, n.attrs)
+    except OpError as e:
+        raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
 
 
-def features(layers: Sequence[Mapping], params: Params, x: np.ndarray) -> np.ndarray:
-    """Run the backbone part of the table; ``params[name] = (weight, bias)``."""
-    h = x
-    for layer in layers:
-        op = layer["op"]
-        if op == "linear":
-            w, b = params[layer["name"]]
-            h = h @ w.T
-            if b is not None:
-                h += b
-        elif op == "conv2d":
-            w, b = params[layer["name"]]
-            h = _conv2d(h, w, b, int(layer.get("stride", 1)), int(layer.get("padding", 0)))
-        elif op == "relu":
-            h = np.maximum(h, 0, out=h if h is not x else None)
-        elif op == "maxpool2d":
-            h = _maxpool2d(h, int(layer["kernel_size"]))
-        elif op == "flatten":
-            h = h.reshape(h.shape[0], -1)
-        else:
-            raise ValueError(f"layer table: unknown op {op!r}")
-    return h
+@dataclass
+class Tape:
+    """What a forward pass kept for the backward pass of ``backward``."""
+
+    nodes: list[Node] = field(default_factory=list)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def forward(
-    layers: Sequence[Mapping], params: Params, head: tuple[np.ndarray, np.ndarray], x: np.ndarray
-) -> np.ndarray:
+def features(graph: Graph, params: Params, x: np.ndarray, *, tape: Tape | None = None) -> np.ndarray:
+    """Backbone features ([batch, feature_dim]) of ``x``; ``params`` maps every
+    parameter name to its (task-effective) array."""
+    return value(graph, params, x, graph.features, tape=tape)
+
+
+def value(graph: Graph, params: Params, x: np.ndarray, name: str, *, tape: Tape | None = None) -> np.ndarray:
+    """One value of the graph: only the nodes it depends on run."""
+    nodes = graph.backbone_nodes
+    if name != graph.features:
+        cut = next((i for i, n in enumerate(nodes) if name in n.outputs), None)
+        if cut is None:
+            raise GraphError(f"no value {name!r} in the backbone")
+        nodes = nodes[: cut + 1]
+    values: dict[str, np.ndarray] = {graph.input.name: x}
+    last = _last_use(nodes, {name})
+    for i, n in enumerate(nodes):
+        xs = [values[v] if v in values else params[v] for v in n.inputs]
+        for v, y in zip(n.outputs, _run_node(n, xs), strict=True):
+            values[v] = y
+        if tape is None:
+            for v in n.inputs:
+                if last.get(v) == i and v in values:
+                    del values[v]
+    if tape is not None:
+        tape.nodes = nodes
+        tape.values = values
+    return values[name]
+
+
+def forward(graph: Graph, params: Params, head: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
     """Logits of one task: backbone features, then the task's head."""
-    h = features(layers, params, x)
+    h = features(graph, params, x)
     hw, hb = head
     return h @ hw.T + hb
+
+
+def backward(graph: Graph, params: Params, tape: Tape, g_features: np.ndarray,
+             wanted: set[str]) -> dict[str, np.ndarray]:
+    """Gradients of the loss w.r.t. the parameters in ``wanted``, given its gradient
+    w.r.t. the features. Only nodes between a wanted parameter and the features run
+    backward: a frozen prefix of the graph costs its forward pass only."""
+    # Which values carry a gradient: those downstream of a wanted parameter.
+    live = set(wanted)
+    for n in tape.nodes:
+        if live & set(n.inputs):
+            live |= set(n.outputs)
+    grads: dict[str, np.ndarray] = {graph.features: g_features}
+    out: dict[str, np.ndarray] = {}
+    for n in reversed(tape.nodes):
+        gys = [grads.pop(o, None) for o in n.outputs]
+        if all(g is None for g in gys) or not live & set(n.outputs):
+            continue
+        need = [name in live for name in n.inputs]
+        if not any(need):
+            continue
+        xs = [tape.values[name] if name in tape.values else params[name] for name in n.inputs]
+        ys = [tape.values[o] for o in n.outputs]
+        gys = [np.zeros_like(y) if g is None else g for g, y in zip(gys, ys, strict=True)]
+        try:
+            gxs = get_op(n.op).backward(xs, ys, gys, n.attrs, need)
+        except OpError as e:
+            raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
+        for name, g, nd in zip(n.inputs, gxs, need, strict=True):
+            if not nd or g is None:
+                continue
+            target = out if name in wanted else grads
+            target[name] = g if name not in target else target[name] + g
+    return out

@@ -20,7 +20,6 @@ import numpy as np
 from . import executor
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .layers import weighted
 from .masks import materialize_bits, materialize_units
 
 MASK_BITS = "weight_bits"
@@ -28,50 +27,74 @@ MASK_UNITS = "unit_gates"
 
 
 class ActiveTask:
-    """A task's materialized weights and head, ready to run."""
+    """A task's effective parameters (name -> array) and head, ready to run. Only the
+    arrays a mask changed are copies; ``nbytes`` counts those and the head."""
 
-    def __init__(self, info: dict, params: dict, head: tuple[np.ndarray, np.ndarray]) -> None:
+    def __init__(self, info: dict, params: dict[str, np.ndarray],
+                 head: tuple[np.ndarray, np.ndarray]) -> None:
         self.info = info
         self.params = params
         self.head = head
-        self.nbytes = sum(w.nbytes + (0 if b is None else b.nbytes) for w, b in params.values())
+        self.nbytes = sum(a.nbytes for a in params.values() if a.flags.owndata)
         self.nbytes += head[0].nbytes + head[1].nbytes
 
 
+def _check_bits(where: Path, key: str, bits: np.ndarray | None, n: int) -> np.ndarray:
+    if bits is None:
+        raise BundleError(where, f"task file lacks {key}")
+    need = (n + 7) // 8
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != need:
+        raise BundleError(where, f"{key}: {bits.dtype} of shape {bits.shape}; a bit mask of {n} weights "
+                                 f"is uint8 of shape ({need},)")
+    return bits
+
+
+def _check_gates(where: Path, key: str, gates: np.ndarray | None, units: int) -> np.ndarray:
+    if gates is None:
+        raise BundleError(where, f"task file lacks {key}")
+    if gates.dtype != np.uint8 or gates.shape != (units,):
+        raise BundleError(where, f"{key}: {gates.dtype} of shape {gates.shape}; unit gates of "
+                                 f"{units} units are uint8 of shape ({units},)")
+    if gates.size and gates.max() > 1:
+        raise BundleError(where, f"{key}: unit gates must be 0 or 1, found {int(gates.max())}")
+    return gates
+
+
 def activate(bundle: Bundle, key: str | int) -> ActiveTask:
-    """Materialize one task's weights from the mapped backbone and its task file."""
+    """Materialize one task's weights from the mapped backbone and its task file.
+
+    Parameters no mask touches stay views into the mapped backbone (no copy)."""
     info = bundle.task(key)
     tensors = bundle.task_tensors(info["name"])
     backbone = bundle.backbone
     where = bundle.root / info["file"]
-    params: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for layer in weighted(bundle.model["layers"]):
-        name = layer["name"]
-        w = backbone[f"{name}.weight"]
-        b = backbone.get(f"{name}.bias")
-        if info["mask_kind"] == MASK_BITS:
-            bits = tensors.get(f"mask.{name}")
-            if bits is None:
-                raise BundleError(where, f"task file lacks mask.{name}")
-            if bits.size * 8 < w.size:
-                raise BundleError(where, f"mask.{name} holds {bits.size * 8} bits, need {w.size}")
-            params[name] = (materialize_bits(w, bits), None if b is None else np.array(b))
-        elif info["mask_kind"] == MASK_UNITS:
-            gates = tensors.get(f"gate.{name}")
-            if gates is None or gates.shape != (w.shape[0],):
-                raise BundleError(where, f"task file lacks gate.{name} of {w.shape[0]} units")
-            params[name] = (
-                materialize_units(w, gates),
-                None if b is None else materialize_units(b, gates),
-            )
+    kind = info["mask_kind"]
+    if kind not in (MASK_BITS, MASK_UNITS):
+        raise BundleError(bundle.root / "manifest.json",
+                          f"task {info['name']!r}: unknown mask kind {kind!r}")
+    params: dict[str, np.ndarray] = {}
+    for name in bundle.graph.params:
+        if name not in backbone:
+            raise BundleError(bundle.root / bundle.manifest["backbone"], f"backbone lacks {name}")
+    for site in bundle.graph.mask_sites():
+        w = backbone[site.weight]
+        if kind == MASK_BITS:
+            key = f"mask.{site.node}"
+            params[site.weight] = materialize_bits(w, _check_bits(where, key, tensors.get(key), w.size))
         else:
-            raise BundleError(bundle.root / "manifest.json",
-                              f"task {info['name']!r}: unknown mask kind {info['mask_kind']!r}")
+            key = f"gate.{site.node}"
+            gates = _check_gates(where, key, tensors.get(key), site.units)
+            params[site.weight] = materialize_units(w, gates)
+            if site.bias is not None:
+                params[site.bias] = materialize_units(backbone[site.bias], gates)
     try:
         head = (tensors["head.weight"], tensors["head.bias"])
     except KeyError as e:
         raise BundleError(where, f"task file lacks {e.args[0]}") from None
-    return ActiveTask(info, params, head)
+    feat = bundle.graph.feature_dim
+    if head[0].ndim != 2 or head[0].shape[1] != feat or head[1].shape != (head[0].shape[0],):
+        raise BundleError(where, f"head of shapes {head[0].shape}, {head[1].shape}; the features are {feat}")
+    return ActiveTask(info, {**{n: backbone[n] for n in bundle.graph.params}, **params}, head)
 
 
 class Runtime:
@@ -102,6 +125,10 @@ class Runtime:
             self._cache.popitem(last=False)
         return active
 
+    def forget(self, task: str | int) -> None:
+        """Drop a task's materialized weights from the cache."""
+        self._cache.pop(self.bundle.task(task)["name"], None)
+
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """A float32 batch of the model's input shape, or a clear ``InputError``."""
         try:
@@ -117,6 +144,10 @@ class Runtime:
             raise InputError(
                 f"input has shape {x.shape}; the model takes (batch, {', '.join(map(str, shape))})"
             )
+        if self.bundle.graph.input.dtype == "int64":  # token ids
+            if x.dtype.kind not in "iu":
+                raise InputError(f"input has dtype {x.dtype}; the model takes int64 token ids")
+            return x.astype(np.int64, copy=False)
         x = x.astype(np.float32, copy=False)
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if bad.any():
@@ -126,7 +157,7 @@ class Runtime:
 
     def logits(self, x: np.ndarray, task: str | int) -> np.ndarray:
         active = self.activate(task)
-        return executor.forward(self.bundle.model["layers"], active.params, active.head,
+        return executor.forward(self.bundle.graph, active.params, active.head,
                                 self.check_input(x))
 
     def predict(self, x: np.ndarray, task: str | int) -> np.ndarray:

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup310.sh  # .venv310: Python 3.10, device set only (tests/test_py310.py)
 .venv/bin/ruff check .
 exec .venv/bin/pytest "$@"

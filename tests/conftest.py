@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import os
 
-import pytest
+# One thread for torch, BLAS and TVM in every test process (and the processes tests
+# start): on a 2-core CI box their default (every core each) made the shared training
+# fixture ~20x slower. Set before torch or numpy load their thread pools.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from edgecl.compiler.from_run import bundle_run
-from edgecl.models.data import split_digits
-from edgecl.models.training import load_run, train
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from edgecl.compiler.from_run import bundle_run  # noqa: E402
+from edgecl.models.data import split_digits  # noqa: E402
+from edgecl.models.training import load_run, train  # noqa: E402
 
 METHODS = ["packnet", "supsup", "piggyback", "hat"]
 

@@ -32,8 +32,10 @@ def test_layout_and_manifest(trained):
     routers = {r["file"] for r in m["routers"].values()}
     assert listed == {m["backbone"], *(t["file"] for t in b.tasks), *routers}
     assert set(m["routers"]) == {"prototype", "entropy", "gradient"}
-    for layer in m["model"]["layers"]:
-        assert layer["op"] in {"linear", "conv2d", "relu", "maxpool2d", "flatten"}
+    graph = m["model"]["graph"]
+    assert graph["format"] == "edgecl-graph" and graph["features"] == "relu4"
+    assert [n["op"] for n in graph["nodes"]] == ["Flatten", "Linear", "Relu", "Linear", "Relu"]
+    assert graph["mask"] == ["fc1.weight", "fc2.weight"]
     # the backbone is a memory map, not a copy
     w = b.backbone["fc1.weight"]
     assert not w.flags.owndata and not w.flags.writeable

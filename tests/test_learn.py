@@ -1,5 +1,6 @@
-"""On-device learning (edgecl.runtime.learn): a new task learned in numpy + the C kernels,
-zero forgetting checked on canaries, RAM and energy budgets, resume, torch blocked."""
+"""On-device learning (edgecl.runtime.learn): a new task learned in numpy + the C kernels on
+any model graph, zero forgetting checked on canaries, RAM and energy budgets, resume,
+torch blocked."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecl.runtime import Runtime
+from edgecl.runtime import Runtime, executor
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import MANIFEST, VERSIONS_DIR, parse_manifest
 from edgecl.runtime.evaluate import evaluate
+from edgecl.runtime.executor import Tape
+from edgecl.runtime.graph import Graph, Node, Param, Value
 from edgecl.runtime.learn import ForgettingError, LearnError, RamBudgetError, energy, learn, planner
 from edgecl.runtime.learn import learner as L
 from edgecl.runtime.learn import train_numpy as T
@@ -68,39 +71,169 @@ def _logits_bytes(rt: Runtime, digits, names) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ the math
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_numpy_backward_matches_torch_autograd(arch):
-    torch = pytest.importorskip("torch")
+def _mobile_graph() -> Graph:
+    """Depthwise conv (asymmetric pads, stride 2) + BatchNormalization + residual Add +
+    GlobalAveragePool + Flatten + Linear, after a plain conv with ReLU6."""
+    P = [Param("conv1.weight", (8, 3, 3, 3), "weight"), Param("conv1.bias", (8,), "bias"),
+         Param("dw.weight", (8, 1, 3, 3), "weight"), Param("dw.bias", (8,), "bias"),
+         Param("bn.scale", (8,), "scale"), Param("bn.bias", (8,), "bias"),
+         Param("bn.mean", (8,), "mean"), Param("bn.var", (8,), "var"),
+         Param("pw.weight", (8, 8, 1, 1), "weight"),
+         Param("fc.weight", (16, 8), "weight"), Param("fc.bias", (16,), "bias")]
+    N = [Node("conv1", "Conv", ("x", "conv1.weight", "conv1.bias"), ("c1",),
+              {"strides": [1, 1], "pads": [1, 1, 1, 1]}),
+         Node("relu6", "Clip", ("c1",), ("r1",), {"min": 0.0, "max": 6.0}),
+         Node("dw", "Conv", ("r1", "dw.weight", "dw.bias"), ("d",),
+              {"strides": [2, 2], "pads": [0, 0, 1, 1], "group": 8}),
+         Node("bn", "BatchNormalization", ("d", "bn.scale", "bn.bias", "bn.mean", "bn.var"), ("b",)),
+         Node("relu", "Relu", ("b",), ("r2",)),
+         Node("pw", "Conv", ("r2", "pw.weight"), ("p",)),
+         Node("res", "Add", ("p", "r2"), ("s",)),
+         Node("gap", "GlobalAveragePool", ("s",), ("g",)),
+         Node("flat", "Flatten", ("g",), ("f",)),
+         Node("fc", "Linear", ("f", "fc.weight", "fc.bias"), ("h",)),
+         Node("hs", "HardSwish", ("h",), ("out",))]
+    return Graph([Value("x", (3, 8, 8))], P, N, "out", name="mobile")
+
+
+def _transformer_graph() -> Graph:
+    """One pre-norm transformer block, 2 heads: Linear, MatMul, Softmax,
+    LayerNormalization, Gelu, Transpose, Reshape, Mul by a constant, residual Adds."""
+    T, D, H = 4, 8, 2
+    dh = D // H
+    P = [Param("ln1.scale", (D,), "scale"), Param("ln1.bias", (D,), "bias"),
+         *[Param(f"{n}.{r}", (D, D) if r == "weight" else (D,), r)
+           for n in ("q", "k", "v", "proj") for r in ("weight", "bias")],
+         Param("attn.scale", (), "const"),
+         Param("ln2.scale", (D,), "scale"), Param("ln2.bias", (D,), "bias"),
+         Param("ff1.weight", (16, D), "weight"), Param("ff1.bias", (16,), "bias"),
+         Param("ff2.weight", (D, 16), "weight"), Param("ff2.bias", (D,), "bias")]
+    N = [Node("ln1", "LayerNormalization", ("x", "ln1.scale", "ln1.bias"), ("n1",))]
+    for n in ("q", "k", "v"):
+        N.append(Node(n, "Linear", ("n1", f"{n}.weight", f"{n}.bias"), (n,)))
+        N.append(Node(f"{n}_split", "Reshape", (n,), (f"{n}s",), {"shape": [0, T, H, dh]}))
+    N += [Node("q_t", "Transpose", ("qs",), ("qh",), {"perm": [0, 2, 1, 3]}),
+          Node("k_t", "Transpose", ("ks",), ("kh",), {"perm": [0, 2, 3, 1]}),
+          Node("v_t", "Transpose", ("vs",), ("vh",), {"perm": [0, 2, 1, 3]}),
+          Node("scores", "MatMul", ("qh", "kh"), ("sc",)),
+          Node("scale", "Mul", ("sc", "attn.scale"), ("scs",)),
+          Node("softmax", "Softmax", ("scs",), ("att",), {"axis": -1}),
+          Node("context", "MatMul", ("att", "vh"), ("ctx",)),
+          Node("merge_t", "Transpose", ("ctx",), ("ctt",), {"perm": [0, 2, 1, 3]}),
+          Node("merge", "Reshape", ("ctt",), ("cm",), {"shape": [0, T, D]}),
+          Node("proj", "Linear", ("cm", "proj.weight", "proj.bias"), ("pr",)),
+          Node("res1", "Add", ("x", "pr"), ("r1",)),
+          Node("ln2", "LayerNormalization", ("r1", "ln2.scale", "ln2.bias"), ("n2",)),
+          Node("ff1", "Linear", ("n2", "ff1.weight", "ff1.bias"), ("f1",)),
+          Node("gelu", "Gelu", ("f1",), ("f1g",)),
+          Node("ff2", "Linear", ("f1g", "ff2.weight", "ff2.bias"), ("f2",)),
+          Node("res2", "Add", ("r1", "f2"), ("r2",)),
+          Node("flat", "Reshape", ("r2",), ("out",), {"shape": [0, -1]})]
+    return Graph([Value("x", (T, D))], P, N, "out", name="block")
+
+
+def _graph(kind: str) -> Graph:
     from edgecl.models import architectures
+
+    if kind in ("mlp", "cnn"):
+        return architectures.build(kind, (1, 8, 8))
+    return _mobile_graph() if kind == "mobile" else _transformer_graph()
+
+
+def _params(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in graph.params.values():
+        if p.role == "var":
+            out[p.name] = rng.uniform(0.5, 1.5, p.shape).astype(np.float32)
+        elif p.role == "const":
+            out[p.name] = np.full(p.shape, 0.5, np.float32)
+        else:
+            scale = 0.3 if p.role in ("weight", "embedding") else 0.1
+            base = 1.0 if p.role == "scale" else 0.0
+            out[p.name] = (base + rng.standard_normal(p.shape) * scale).astype(np.float32)
+    return out
+
+
+def _close(got: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5, floor: float = 1e-6) -> None:
+    """Agreement to ``rel`` relative to the tensor's largest entry, plus ``floor`` for
+    gradients that are zero in exact arithmetic (a key bias under softmax: float32 noise)."""
+    assert got.shape == ref.shape, what
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= rel * scale + floor, f"{what}: error {err:.2e} on a scale of {scale:.2e}"
+
+
+GRAPHS = ["mlp", "cnn", "mobile", "transformer"]
+
+
+@pytest.mark.parametrize("kind", GRAPHS)
+def test_executor_backward_matches_torch_autograd(kind):
+    """Every trainable parameter's gradient (weights, biases, BN and LN scales, the
+    constant) through the registry's numpy backward equals torch autograd's."""
+    torch = pytest.importorskip("torch")
     from edgecl.models.torchnet import features
 
-    layers = architectures.build(arch, (1, 8, 8))
-    rng = np.random.default_rng(0)
-    params = {}
-    for layer in architectures.weighted(layers):
-        shape = architectures.weight_shape(layer)
-        params[layer["name"]] = (rng.standard_normal(shape).astype(np.float32) * 0.2,
-                                 rng.standard_normal(shape[0]).astype(np.float32) * 0.1)
-    fd = architectures.feature_dim(layers)
-    head = (rng.standard_normal((3, fd)).astype(np.float32) * 0.1, np.zeros(3, np.float32))
-    x = rng.random((6, 64) if arch == "mlp" else (6, 1, 8, 8)).astype(np.float32)
+    graph = _graph(kind)
+    params = _params(graph)
+    rng = np.random.default_rng(1)
+    x = rng.random((6, *graph.input_shape), dtype=np.float32)
+    wanted = {n for n, p in graph.params.items() if p.role not in ("mean", "var")}
+    tape = Tape(nodes=graph.backbone_nodes)
+    feats = executor.features(graph, params, x, tape=tape)
+    g_feats = rng.standard_normal(feats.shape).astype(np.float32)
+    got = executor.backward(graph, params, tape, g_feats, wanted)
+
+    tp = {n: torch.tensor(a, requires_grad=n in wanted) for n, a in params.items()}
+    tf = features(graph, tp, torch.tensor(x))
+    (tf * torch.tensor(g_feats)).sum().backward()
+    _close(feats, tf.detach().numpy(), "features")
+    assert set(got) == wanted
+    for n in sorted(wanted):
+        _close(got[n], tp[n].grad.numpy(), n)
+
+
+@pytest.mark.parametrize("kind", GRAPHS)
+def test_training_step_gradients_match_torch_with_a_frozen_prefix(kind):
+    """The learner's step math (:func:`train_numpy.grads`: forward with a tape, head,
+    cross-entropy, backward) against torch for the masked weights; training only the
+    last site gives that site the same gradient, keeps no value of the frozen prefix
+    but what the backward reads, and forms no gradient for the prefix."""
+    torch = pytest.importorskip("torch")
+    from edgecl.models.torchnet import features
+
+    graph = _graph(kind)
+    params = _params(graph, 2)
+    rng = np.random.default_rng(3)
+    x = rng.random((6, *graph.input_shape), dtype=np.float32)
     y = np.array([0, 1, 2, 1, 0, 2])
-    logits, cache = T.forward(layers, params, head, x)
-    loss, g = T.cross_entropy(logits, y)
-    gw, gb, ghw, ghb = T.backward(layers, params, head, cache, g, set(params), bias=True)
-    tp = {n: (torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True))
-          for n, (w, b) in params.items()}
+    head = (rng.standard_normal((3, graph.feature_dim)).astype(np.float32) * 0.1,
+            rng.standard_normal(3).astype(np.float32) * 0.1)
+    sites = graph.mask_sites()
+    weights = {s.weight for s in sites}
+    loss, gw, ghw, ghb = T.grads(graph, params, head, x, y, weights)
+
+    tp = {n: torch.tensor(a, requires_grad=n in weights) for n, a in params.items()}
     th = [torch.tensor(a, requires_grad=True) for a in head]
-    out = torch.nn.functional.linear(features(layers, tp, torch.tensor(x)), *th)
+    out = torch.nn.functional.linear(features(graph, tp, torch.tensor(x)), *th)
     tl = torch.nn.functional.cross_entropy(out, torch.tensor(y))
     tl.backward()
     assert abs(loss - tl.item()) < 1e-5
-    np.testing.assert_allclose(logits, out.detach().numpy(), atol=1e-5)
-    for n in params:
-        np.testing.assert_allclose(gw[n], tp[n][0].grad.numpy(), atol=1e-5)
-        np.testing.assert_allclose(gb[n], tp[n][1].grad.numpy(), atol=1e-5)
-    np.testing.assert_allclose(ghw, th[0].grad.numpy(), atol=1e-5)
-    np.testing.assert_allclose(ghb, th[1].grad.numpy(), atol=1e-5)
+    assert set(gw) == weights
+    for n in weights:
+        _close(gw[n], tp[n].grad.numpy(), n)
+    _close(ghw, th[0].grad.numpy(), "head.weight")
+    _close(ghb, th[1].grad.numpy(), "head.bias")
+
+    last = sites[-1].weight
+    loss1, gw1, ghw1, _ = T.grads(graph, params, head, x, y, {last})
+    assert loss1 == loss and set(gw1) == {last}
+    np.testing.assert_array_equal(gw1[last], gw[last])
+    np.testing.assert_array_equal(ghw1, ghw)
+    _, tape = T.tape_forward(graph, params, x, {last})
+    upstream = {o for n in graph.backbone_nodes for o in n.outputs}
+    assert set(tape.values) <= T.kept_values(graph, {last}) | {graph.features}
+    assert len(set(tape.values) & upstream) < len(upstream)  # the prefix's values were freed
 
 
 # ------------------------------------------------------------------ Split-Digits task 5
@@ -178,11 +311,10 @@ def test_child_exceeding_the_budget_dies_alone_and_nothing_changes(four, digits,
 
 
 def test_planner_picks_a_smaller_batch_under_a_tighter_budget():
-    from edgecl.models.architectures import build, feature_dim
+    from edgecl.models.architectures import build
 
-    layers = build("cnn", (1, 8, 8))
-    model = {"layers": layers, "input_shape": [1, 8, 8], "feature_dim": feature_dim(layers)}
-    kw = dict(model=model, mode="packnet", n_tasks=4, n_classes=2, n_samples=300)
+    graph = build("cnn", (1, 8, 8))
+    kw = dict(graph=graph, mode="packnet", n_tasks=4, n_classes=2, n_samples=300)
     big = planner.plan(batch_size=32, **kw)
     one = planner.plan(batch_size=1, **kw)
     assert big.total > one.total and big.activations == 32 * one.activations
@@ -192,6 +324,55 @@ def test_planner_picks_a_smaller_batch_under_a_tighter_budget():
         planner.choose(one.total - 1, 32, **kw)
     head = planner.plan(batch_size=32, **dict(kw, mode="head"))
     assert head.gradients == 0 and head.optimizer == 0
+    # the manifest's model entry plans the same as its graph
+    from edgecl.runtime.graph import model_entry
+
+    assert planner.plan(batch_size=32, **dict(kw, graph=model_entry(graph, "cnn"))) == big
+
+
+@pytest.mark.parametrize("kind", GRAPHS)
+def test_planner_counts_only_what_the_trained_sites_need(kind):
+    """Training the last site only: gradients and optimizer state of that site alone, and
+    the frozen prefix's activations are not kept for a backward."""
+    graph = _graph(kind)
+    sites = graph.mask_sites()
+    kw = dict(graph=graph, mode="supsup", n_tasks=2, n_classes=3, n_samples=100, batch_size=16)
+    full = planner.plan(**kw)
+    last = planner.plan(trainable_layers=[sites[-1].node], **kw)
+    n_last = int(np.prod(sites[-1].shape))
+    assert last.gradients == 8 * n_last and last.optimizer == 8 * n_last and last.trainable == 4 * n_last
+    assert last.activations < full.activations
+    assert planner.activation_bytes(graph, 16, {sites[-1].weight}) < planner.activation_bytes(
+        graph, 16, {s.weight for s in sites})
+    with pytest.raises(KeyError):
+        planner.plan(trainable_layers=["no-such-node"], **kw)
+
+
+def test_planned_activations_cover_what_a_step_allocates():
+    """The activation estimate against numpy's own allocations (tracemalloc) for one
+    training step, with and without a frozen prefix."""
+    import tracemalloc
+
+    for kind in ("cnn", "mobile"):
+        graph = _graph(kind)
+        params = _params(graph)
+        rng = np.random.default_rng(0)
+        x = rng.random((16, *graph.input_shape), dtype=np.float32)
+        y = rng.integers(0, 3, 16)
+        head = (np.zeros((3, graph.feature_dim), np.float32), np.zeros(3, np.float32))
+        sites = graph.mask_sites()
+        for trained in (sites, sites[-1:]):
+            wanted = {s.weight for s in trained}
+            T.grads(graph, params, head, x, y, wanted)
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            T.grads(graph, params, head, x, y, wanted)
+            used = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            planned = (planner.activation_bytes(graph, 16, wanted) + 4 * 16 * (2 * 3 + graph.feature_dim)
+                       + 4 * sum(int(np.prod(s.shape)) for s in trained))
+            assert planned >= 0.9 * used, (kind, len(trained), planned, used)
+            assert planned <= 2.0 * used + (64 << 10), (kind, len(trained), planned, used)
 
 
 # ------------------------------------------------------------------ energy budget
@@ -419,24 +600,137 @@ def test_supsup_step_runs_on_the_exact_supermask_of_its_scores():
     from edgecl.runtime.masks import materialize_bits
 
     rng = np.random.default_rng(1)
-    layers = [{"op": "linear", "name": "fc1", "in_features": 16, "out_features": 32, "bias": False},
-              {"op": "relu"},
-              {"op": "linear", "name": "fc2", "in_features": 32, "out_features": 32, "bias": False},
-              {"op": "relu"}]
-    model = {"layers": layers, "input_shape": [16], "feature_dim": 32}
+    graph = Graph([Value("x", (16,))],
+                  [Param("fc1.weight", (32, 16), "weight"), Param("fc2.weight", (32, 32), "weight")],
+                  [Node("fc1", "Linear", ("x", "fc1.weight"), ("h1",)),
+                   Node("r1", "Relu", ("h1",), ("a1",)),
+                   Node("fc2", "Linear", ("a1", "fc2.weight"), ("h2",)),
+                   Node("r2", "Relu", ("h2",), ("a2",))],
+                  "a2")
     backbone = {"fc1.weight": rng.standard_normal((32, 16)).astype(np.float32),
                 "fc2.weight": rng.standard_normal((32, 32)).astype(np.float32)}
     x, y = rng.random((64, 16), dtype=np.float32), rng.integers(0, 3, 64)
     hp = dict(trainer.DEFAULTS["supsup"], epochs=1)
-    p = trainer.Problem(model, backbone, [], x, y, 3, "supsup", hp, 16, 0)
+    p = trainer.Problem(graph, backbone, [], x, y, 3, "supsup", hp, 16, 0)
     s = p.initial()
     for i in range(40):
         params = trainer._step_params(p, s)
         for n in p.names:
             scores = s.arrays[f"scores.{n}"]
             want = _reference_topk(scores.reshape(-1), trainer.topk_count(scores.size, 0.5))
-            np.testing.assert_array_equal(params[n][0].view(np.uint32), materialize_bits(
+            np.testing.assert_array_equal(params[f"{n}.weight"].view(np.uint32), materialize_bits(
                 backbone[f"{n}.weight"], np.packbits(want, bitorder="little")).view(np.uint32))
             np.testing.assert_array_equal(trainer.topk_bits(scores, 0.5),
                                           np.packbits(want, bitorder="little"))
         trainer.numpy_step(p, s, np.arange(i % 4 * 16, i % 4 * 16 + 16))
+
+
+# ------------------------------------------------------------------ any graph, a frozen prefix
+def _graph_bundle(root: Path, graph: Graph, method: str, n_tasks: int = 2) -> Path:
+    """A bundle of ``graph`` with ``n_tasks`` tasks of random masks (PackNet: nested, each
+    owning a disjoint fifth of every site) and heads, written by the bundle writer."""
+    from edgecl.runtime.bundle_write import commit
+    from edgecl.runtime.graph import model_entry
+    from edgecl.runtime.masks import pack_bits
+
+    rng = np.random.default_rng(11)
+    backbone = _params(graph, 5)
+    owner = {s.node: rng.integers(0, 5, int(np.prod(s.shape))) for s in graph.mask_sites()}
+    for t in range(n_tasks):
+        tensors = {"head.weight": rng.standard_normal((2, graph.feature_dim)).astype(np.float32),
+                   "head.bias": np.zeros(2, np.float32)}
+        for s in graph.mask_sites():
+            bits = owner[s.node] <= t if method == "packnet" else rng.random(owner[s.node].size) < 0.5
+            tensors[f"mask.{s.node}"] = pack_bits(bits)
+        entry = {"name": f"old-{t}", "classes": [2 * t, 2 * t + 1], "n_classes": 2, "method": method,
+                 "mask_kind": "weight_bits", "metrics": {}}
+        commit(root, model=model_entry(graph, graph.name), backbone=backbone if t == 0 else None,
+               tasks=[(entry, tensors)])
+    return root
+
+
+@pytest.mark.parametrize("method", ["supsup", "packnet"])
+def test_learning_the_last_sites_of_a_graph_forgets_nothing(method, tmp_path):
+    """On a graph with a depthwise conv, BatchNormalization and a residual Add, learn a
+    task training only the last 2 mask sites: old tasks answer byte-identically, the
+    frozen sites keep the dense weights (supsup: an all-ones mask) or the old union
+    (packnet), and only free weights of the trained sites moved."""
+    from edgecl.runtime.masks import unpack_bits
+
+    graph = _mobile_graph()
+    root = _graph_bundle(tmp_path / "b", graph, method)
+    before = Bundle.open(root)
+    rng = np.random.default_rng(4)
+    x = rng.random((64, *graph.input_shape), dtype=np.float32)
+    y = np.where(x[:, 0].mean(axis=(1, 2)) > np.median(x[:, 0].mean(axis=(1, 2))), 8, 9)
+    np.savez(tmp_path / "s.npz", x=x, y=y)
+    probe = rng.random((16, *graph.input_shape), dtype=np.float32)
+    old = {t: Runtime(before).logits(probe, t).tobytes() for t in before.task_names}
+    old_backbone = (root / before.manifest["backbone"]).read_bytes()
+    r = learn(root, "new", tmp_path / "s.npz", method=method, epochs=3, train_last=2, holdout=0.0,
+              quiet=True, routers=False, step_backend="numpy")
+    sites = graph.mask_sites()
+    assert r["status"] == "committed" and r["trained_sites"] == [s.node for s in sites[-2:]]
+    after = Bundle.open(root)
+    rt = Runtime(after)
+    assert {t: rt.logits(probe, t).tobytes() for t in before.task_names} == old
+    assert np.isfinite(rt.logits(probe, "new")).all()
+    assert (root / before.manifest["backbone"]).read_bytes() == old_backbone  # never rewritten
+    new = after.task_tensors("new")
+    olds = [before.task_tensors(t) for t in before.task_names]
+    for s in sites:
+        n = int(np.prod(s.shape))
+        bits = unpack_bits(new[f"mask.{s.node}"], (n,))
+        union = np.zeros(n, dtype=bool)
+        for m in olds:
+            union |= unpack_bits(m[f"mask.{s.node}"], (n,))
+        if s in sites[:-2]:  # frozen
+            assert bits.all() if method == "supsup" else np.array_equal(bits, union), s.node
+            np.testing.assert_array_equal(after.backbone[s.weight], before.backbone[s.weight])
+        elif method == "supsup":
+            assert int(bits.sum()) == round(n * 0.5), s.node
+        else:
+            assert (bits >= union).all() and bits.sum() > union.sum(), s.node
+    for name in graph.params:  # packnet: only the trained sites' free weights moved
+        if name not in {s.weight for s in sites[-2:]}:
+            assert after.backbone[name].tobytes() == before.backbone[name].tobytes(), name
+    if method == "supsup":
+        assert after.manifest["backbone"] == before.manifest["backbone"]
+
+
+def test_auto_step_falls_back_to_numpy_when_the_compiled_step_is_unusable(monkeypatch):
+    """``auto`` with no usable compiled step (none in the bundle, a loader that raises, or
+    a first call that fails) runs numpy — the same steps as the numpy backend."""
+    from edgecl.runtime.learn import trainer
+
+    graph = _mobile_graph()
+    rng = np.random.default_rng(0)
+    backbone = _params(graph)
+    x, y = rng.random((32, *graph.input_shape), dtype=np.float32), rng.integers(0, 2, 32)
+    hp = dict(trainer.DEFAULTS["supsup"], epochs=1)
+
+    def run(step):
+        p = trainer.Problem(graph, backbone, [], x, y, 2, "supsup", hp, 16, 0, train_last=2)
+        s = p.initial()
+        trainer.run(p, s, step, out_of_energy=lambda: False)
+        return s.arrays
+
+    def no_lib(bundle):
+        raise FileNotFoundError("no train_step in this bundle")
+
+    monkeypatch.setitem(trainer.STEP_BACKENDS, "tvm", no_lib)
+    assert trainer.select_step(None, "auto") == ("numpy", trainer.numpy_step)
+
+    def broken_call(bundle):
+        def grads(p, params, head, x, y):
+            raise KeyError("fc1")  # a library built for other parameter names
+        return trainer._masked_step(grads)
+
+    monkeypatch.setitem(trainer.STEP_BACKENDS, "tvm", broken_call)
+    name, step = trainer.select_step(None, "auto")
+    assert name == "tvm"
+    got, want = run(step), run(trainer.numpy_step)
+    assert step.backend == "numpy" and "KeyError" in step.fallback_reason
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+    with pytest.raises(KeyError):  # asked for by name: no fallback
+        run(trainer.select_step(None, "tvm")[1])

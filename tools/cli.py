@@ -7,14 +7,38 @@ Device-side commands (eval, infer, inspect) import only the runtime; host comman
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
-from edgecl.runtime.errors import EdgeclError
 
-from . import tables
+def _threads_module():
+    """``edgecl.runtime.threads``, loaded without ``edgecl.runtime``'s ``__init__`` (which
+    imports numpy): the thread count must be in the environment before numpy loads its BLAS."""
+    name = "edgecl.runtime.threads"
+    if name in sys.modules or "edgecl.runtime" in sys.modules:
+        return importlib.import_module(name)
+    where = importlib.util.find_spec("edgecl.runtime").submodule_search_locations
+    spec = importlib.util.spec_from_file_location(name, os.path.join(list(where)[0], "threads.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_threads = _threads_module()
+if "numpy" not in sys.modules:  # a fresh `edgecl` process: its own command line, now
+    _threads.configure(_threads.from_argv(sys.argv[1:]))
+
+import edgecl.runtime  # noqa: E402  (after the thread count)
+from edgecl.runtime.errors import EdgeclError  # noqa: E402
+
+from . import tables  # noqa: E402
+
+edgecl.runtime.threads = _threads
 
 
 def _positive(value: str) -> int:
@@ -37,17 +61,87 @@ def _widths(value: str) -> list[int]:
     return out
 
 
+def _hparams(args: argparse.Namespace) -> dict:
+    hp = {}
+    for key in ("epochs", "lr", "batch_size"):
+        if getattr(args, key, None) is not None:
+            hp[key] = getattr(args, key)
+    for item in args.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EdgeclError(f"--hp {item!r}: use NAME=VALUE, e.g. --hp density=0.3")
+        try:
+            hp[key.replace("-", "_")] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            raise EdgeclError(f"--hp {item!r}: {value!r} is not a number") from None
+    return hp
+
+
+def _model_source(args: argparse.Namespace):
+    """(graph, weights) for --model or a zoo --arch; None for the built-in mlp/cnn."""
+    source = args.model or (args.arch if args.arch not in ("mlp", "cnn") else None)
+    if source is None:
+        if args.mask_layers or args.features:
+            raise EdgeclError("--mask-layers and --features are for --model or a zoo --arch")
+        return None
+    from edgecl.models.importer import ImportError_, resolve
+
+    try:
+        return resolve(source, features=args.features, mask_layers=args.mask_layers)
+    except ImportError_ as e:
+        raise EdgeclError(str(e)) from e
+
+
+def _zoo_pretrained(name: str) -> bool:
+    from edgecl.models.zoo import ZOO
+
+    return ZOO[name].pretrained if name in ZOO else True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from edgecl.models.training import train
 
-    backbone = None
-    if args.backbone:
+    backbone, graph = None, None
+    model = _model_source(args)
+    if model is not None:
+        graph, backbone = model
+        if args.model is None and not _zoo_pretrained(args.arch):
+            backbone = None  # a zoo model without real weights: the method's own initialization
+        if args.backbone:
+            raise EdgeclError("--backbone is for the built-in mlp/cnn; an imported model brings its weights")
+    elif args.backbone:
         from edgecl.runtime.safetensors_mmap import read_safetensors
 
         backbone, _ = read_safetensors(args.backbone, mapped=False)
-    run = train(args.data, args.method, args.out, n_tasks=args.tasks, seed=args.seed,
-                arch=args.arch, hidden=args.hidden, backbone=backbone)
-    print(f"{args.out}: {len(run.tasks)} task(s) learned with {args.method}")
+    try:
+        run = train(args.data, args.method, args.out, n_tasks=args.tasks, seed=args.seed,
+                    arch=args.arch if model is None else (args.model or args.arch), hidden=args.hidden,
+                    backbone=backbone, graph=graph, hparams=_hparams(args))
+    except ValueError as e:
+        raise EdgeclError(str(e)) from e
+    print(f"{args.out}: {len(run.tasks)} task(s) learned with {args.method} "
+          f"({', '.join(f'{k}={v}' for k, v in run.method.hp.items())})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from edgecl.models.importer import ImportError_, import_model, save_model
+
+    try:
+        graph, weights = import_model(args.source, features=args.features, input_shape=args.input_shape,
+                                      input_dtype=args.input_dtype)
+        if args.mask_layers:
+            from edgecl.models.importer import resolve_mask
+
+            graph = resolve_mask(graph, args.mask_layers)
+    except ImportError_ as e:
+        raise EdgeclError(str(e)) from e
+    save_model(args.out, graph, weights, args.source)
+    ops = sorted({n.op for n in graph.nodes})
+    print(f"{args.out}: {args.source} -> {len(graph.nodes)} nodes ({', '.join(ops)}), "
+          f"{graph.n_params:,} parameters, input {graph.input_shape} {graph.input.dtype}, "
+          f"features {graph.features!r} ({graph.feature_dim}), {len(graph.mask_sites())} masked weights")
+    print(f"next: edgecl train --model {args.out} --data DATA --method supsup --out RUN")
     return 0
 
 
@@ -128,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from edgecl.runtime import Runtime
+    from edgecl.runtime import Session
 
     try:
         x = np.load(args.input, allow_pickle=False)
@@ -136,17 +230,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise EdgeclError(f"{args.input}: no such file") from None
     except Exception as e:
         raise EdgeclError(f"{args.input}: not a readable .npy array ({e})") from e
-    rt = Runtime(args.bundle)
-    if x.ndim >= 1 and x.shape[1:] != rt.input_shape and x.shape != rt.input_shape \
-            and x.ndim >= 2 and int(np.prod(x.shape[1:])) == int(np.prod(rt.input_shape)):
-        x = x.reshape(len(x), *rt.input_shape)  # e.g. 8x8 images for a 64-input MLP
+    providers = args.backend.split(",") if args.backend else None
+    try:
+        s = Session(args.bundle, providers=providers, router=args.router)
+    except ValueError as e:
+        raise EdgeclError(str(e)) from e
+    shape = s.input_shape
+    if x.ndim >= 2 and x.shape[1:] != shape and x.shape != shape \
+            and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+        x = x.reshape(len(x), *shape)  # e.g. 8x8 images for a 64-input MLP
     if args.task is None:
-        return _infer_routed(rt, x, args)
-    logits = rt.logits(x, args.task)
-    info = rt.bundle.task(args.task)
+        return _infer_routed(s, x, args)
+    logits = s.logits(x, args.task)
+    info = s.bundle.task(args.task)
     labels = np.asarray(info["classes"])[logits.argmax(axis=1)]
     if args.json:
-        print(json.dumps({"task": info["name"], "predictions": labels.tolist(),
+        print(json.dumps({"task": info["name"], "provider": s.provider, "predictions": labels.tolist(),
                           "logits": logits.tolist()}))
     else:
         print(f"task {info['name']}: {len(labels)} prediction(s)")
@@ -154,36 +253,21 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _infer_routed(rt, x, args: argparse.Namespace) -> int:
-    """No task given: the router picks one per input, or says unknown."""
-    import numpy as np
-
-    from edgecl.runtime.routers import UNKNOWN
-    from edgecl.runtime.routers.store import load_router
-
-    router = load_router(rt.bundle, args.router)
-    fallback = None if args.fallback is None else rt.bundle.task(args.fallback)["index"]
-    x = rt.check_input(x)
-    d = router.decide(rt, x, args.threshold, fallback)
-    rows = []
-    for t in np.unique(d.task):
-        sel = np.flatnonzero(d.task == t)
-        if t == UNKNOWN:
-            rows += [(int(i), None, None) for i in sel]
-            continue
-        info = rt.bundle.tasks[int(t)]
-        pred = np.asarray(info["classes"])[rt.logits(x[sel], int(t)).argmax(axis=1)]
-        rows += [(int(i), info["name"], int(p)) for i, p in zip(sel, pred, strict=True)]
-    rows.sort()
-    out = [{"task": name or "unknown", "confidence": float(d.confidence[i]),
-            "prediction": pred} for i, name, pred in rows]
+def _infer_routed(s, x, args: argparse.Namespace) -> int:
+    """No task given: the router picks one per input, or says unknown and why."""
+    r = s.run(x, threshold=args.threshold, fallback=args.fallback)
+    out = r.as_dicts()
     if args.json:
-        print(json.dumps({"router": router.name, "threshold": args.threshold, "inputs": out}))
+        print(json.dumps({"router": r.router, "threshold": r.threshold, "provider": s.provider,
+                          "confidence_of": "the router's probability of the chosen task",
+                          "inputs": [dict(o, task=o["task"] or "unknown") for o in out]}))
     else:
-        print(f"router {router.name} (threshold {args.threshold}): {len(out)} input(s)")
+        print(f"router {r.router} (threshold {r.threshold}; confidence = the router's probability of "
+              f"the task it chose): {len(out)} input(s)")
         for i, o in enumerate(out):
-            print(f"{i}: task {o['task']}  confidence {o['confidence']:.3f}  "
-                  f"prediction {'-' if o['prediction'] is None else o['prediction']}")
+            why = "" if o["reason"] == "ok" else f"  ({o['reason']}; closest task {o['best_task']})"
+            print(f"{i}: task {o['task'] or 'unknown'}  confidence {o['confidence']:.3f}  "
+                  f"prediction {'-' if o['prediction'] is None else o['prediction']}{why}")
     return 0
 
 
@@ -197,13 +281,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from edgecl import kernels
 
     print(f"kernels: {kernels.status()}")
-    model = b.model
-    print(f"model: {model['arch']}, input {tuple(model['input_shape'])}, "
-          f"{model['n_weights']:,} backbone weights, {model['feature_dim']} features")
-    layers = [layer for layer in model["layers"] if "name" in layer]
-    print(tables.render(["layer", "op", "weight shape"],
-                        [[layer["name"], layer["op"], tuple(b.backbone[f"{layer['name']}.weight"].shape)]
-                         for layer in layers]))
+    print(f"threads: {_threads.describe()}")
+    model, graph = b.model, b.graph
+    ops: dict[str, int] = {}
+    for n in graph.backbone_nodes:
+        ops[n.op] = ops.get(n.op, 0) + 1
+    print(f"model: {model['arch']}, input {tuple(model['input_shape'])} {graph.input.dtype}, "
+          f"{len(graph.backbone_nodes)} nodes, {graph.n_params:,} parameters, "
+          f"{graph.n_weights:,} masked weights, {graph.feature_dim} features at {graph.features!r}"
+          + ("" if "graph" in model else " (format-1 layer table, read as a graph)"))
+    print("ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    print(tables.render(["masked node", "op", "weight", "shape"],
+                        [[s.node, s.op, s.weight, tuple(s.shape)] for s in graph.mask_sites()]))
     print()
     print(tables.render(
         ["#", "task", "method", "mask", "classes", "mask bits/weight", "bytes", "host acc"],
@@ -237,7 +326,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not exports.get("onnx"):
         print(f"{args.bundle}: version {export_bundle(args.bundle)}: ONNX graphs for onnxruntime")
     if not exports.get("tflite"):
-        print(f"{args.bundle}: version {tflite_export.export_bundle(args.bundle)}: TFLite models")
+        version = tflite_export.export_bundle(args.bundle)
+        why = Bundle.open(args.bundle).manifest["exports"]["tflite"].get("unavailable")
+        what = f"no TFLite models ({why})" if why else "TFLite models"
+        print(f"{args.bundle}: version {version}: {what}")
     _golden(args.bundle, ensure_golden)
     return 0
 
@@ -249,10 +341,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_kernel_bench(args.json)
         return 0
     if args.bundle == "learn":
-        from .bench_learn import run_learn_bench
+        from .bench_learn import run_from_args
 
-        run_learn_bench(args.json)
-        return 0
+        return run_from_args(args)
     from . import bench
 
     if not Path(args.bundle).is_dir():
@@ -277,11 +368,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (an existing one is continued)")
     t.add_argument("--tasks", type=_positive, help="learn only the first N tasks of the stream")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
+    t.add_argument("--arch", default="mlp",
+                   help="mlp, cnn, or a zoo model: ds-cnn, resnet8, mobilenet-v1-0.25, fc-autoencoder, "
+                        "mobilenet-v2, efficientnet-lite0, minilm (default mlp)")
+    t.add_argument("--model", help="your model: a directory from 'edgecl import', a .onnx, a .pt2, or "
+                                   "package.module:factory")
+    t.add_argument("--features", help="with --model/zoo: the value or module where task heads attach "
+                                      "(default: the input of the last Linear)")
+    t.add_argument("--mask-layers", type=lambda v: v.split(","),
+                   help="with --model/zoo: the nodes (or weights) tasks mask, comma-separated "
+                        "(default: every Conv and Linear)")
     t.add_argument("--hidden", type=_widths,
                    help="widths, e.g. 256,256 (mlp) or 16,32,128 (cnn: channels..., linear)")
     t.add_argument("--backbone", help="piggyback: a trained backbone (.safetensors) to mask")
+    t.add_argument("--epochs", type=_positive)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=_positive)
+    t.add_argument("--hp", action="append", metavar="NAME=VALUE",
+                   help="a method hyperparameter, e.g. density=0.3 (supsup), prune=0.5 (packnet)")
     t.set_defaults(func=cmd_train)
+
+    im = sub.add_parser("import", help="import your model (PyTorch or ONNX) as an edgecl model directory")
+    im.add_argument("source", help="a zoo name, model.onnx, a saved ExportedProgram .pt2, or "
+                                   "package.module:factory (returns an nn.Module)")
+    im.add_argument("--out", required=True, help="model directory to write (graph.json, weights)")
+    im.add_argument("--features", help="value or module where task heads attach "
+                                       "(default: the input of the last Linear)")
+    im.add_argument("--input-shape", type=_widths, help="for package.module:factory: the input shape "
+                                                         "without the batch axis, e.g. 3,96,96")
+    im.add_argument("--input-dtype", choices=["float32", "int64"], default="float32")
+    im.add_argument("--mask-layers", type=lambda v: v.split(","),
+                    help="the nodes (or weights) tasks mask (default: every Conv and Linear)")
+    im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bundle", help="write a run's tasks into a bundle (new version per task)")
     b.add_argument("run_dir")
@@ -306,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--fallback", help="task to use for unknown inputs instead of 'unknown'")
     i.add_argument("--input", required=True, help=".npy array: a batch of inputs")
     i.add_argument("--json", action="store_true", help="print predictions and logits as JSON")
+    i.add_argument("--backend", help="providers to try in order, e.g. onnxruntime,numpy "
+                                     "(default: the fastest available)")
     i.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("inspect", help="a bundle's tasks, sizes, hashes and methods")
@@ -323,11 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    k = sub.add_parser("bench", help="benchmark backends side by side; 'edgecl bench kernels': "
-                                     "the C kernels against numpy; 'edgecl bench learn': the "
-                                     "device learner against PyTorch")
+    k = sub.add_parser("bench", help="benchmark backends and peers side by side; 'edgecl bench zoo': "
+                                     "every zoo model; 'edgecl bench kernels': the C kernels against "
+                                     "numpy; 'edgecl bench learn': the device learner against PyTorch")
     bench.add_arguments(k)
-    k.set_defaults(func=cmd_bench)
+    from .bench_learn import add_zoo_arguments
+
+    add_zoo_arguments(k)  # edgecl bench learn --zoo ds-cnn,mobilenet-v2
+    k.set_defaults(func=bench.zoo_or(cmd_bench))  # edgecl bench zoo: tools/bench_zoo.py
 
     from . import deploy, device_test_cmd, learn_cmd
 
@@ -349,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="packnet,supsup,piggyback,hat")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    # --threads before or after the command (`edgecl --threads 1 inspect B`, `edgecl inspect
+    # B --threads 1`); a subcommand's copy defaults to SUPPRESS so it never hides the global one.
+    threads_help = ("threads for torch, BLAS, OpenMP and TVM (default: the cores not busy; "
+                    "see docs/development.md)")
+    p.add_argument("--threads", type=_positive, metavar="N", help=threads_help)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=_positive, metavar="N", default=argparse.SUPPRESS,
+                             help=threads_help)
     return p
 
 
@@ -356,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _threads.configured(args.threads):
+            return args.func(args)
     except EdgeclError as e:
         print(f"edgecl {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -59,8 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import tomllib
-
 from edgecl.runtime import profiles
 from edgecl.runtime.errors import EdgeclError
 
@@ -344,9 +342,23 @@ def native_kernels(root: Path) -> Path | None:
     return so if so.exists() else None
 
 
+def _load_toml(path: Path) -> dict:
+    # tomllib is 3.11+; on 3.10 (JetPack 6) tomli, its backport, reads the same. Imported
+    # here, not at start-up, so that every other `edgecl` command runs on 3.10 without it.
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise DeployError(f"reading {path} needs Python 3.11+ (tomllib) or, on 3.10, "
+                              "the tomli package (pip install tomli)") from None
+    return tomllib.loads(path.read_text())
+
+
 def build_edgecl_wheel(dest: Path, py: str, machine: str = "aarch64") -> Path:
     root = source_root()
-    cfg = tomllib.loads((root / "pyproject.toml").read_text())
+    cfg = _load_toml(root / "pyproject.toml")
     proj, st = cfg["project"], cfg["tool"]["setuptools"]
     files: dict[str, bytes] = {}
     for pkg in st["packages"]:
@@ -445,7 +457,7 @@ def choose_backends(bundle, target: str, requested: str | None) -> list[str]:
     prof = profiles.get(target)
     have = {"numpy": True, "tvm": prof.tvm_target in bundle.manifest.get("targets", {}),
             "onnxruntime": "onnx" in bundle.manifest.get("exports", {}),
-            "tflite": "tflite" in bundle.manifest.get("exports", {})}
+            "tflite": bool(bundle.manifest.get("exports", {}).get("tflite", {}).get("graphs"))}
     if requested in (None, "", "auto"):
         return [b for b in ALL_BACKENDS if have[b]]
     out = [b.strip() for b in requested.split(",") if b.strip()]

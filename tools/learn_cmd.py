@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", default="auto", choices=["auto", "numpy", "tvm"],
                    help="training step: the bundle's compiled TVM step for this machine, or numpy "
                         "(auto: tvm when the bundle has one, else numpy)")
+    p.add_argument("--train-last", type=int, metavar="K",
+                   help="supsup/packnet: train only the last K mask sites and the head; earlier sites "
+                        "are frozen and run forward only (default: all)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -49,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     r = learn(args.bundle, args.task, args.data, method=args.method, epochs=args.epochs,
               ram_mb=args.ram_mb, energy_j=args.energy_j, resume=args.resume, seed=args.seed,
               batch_size=args.batch_size, lr=args.lr, holdout=args.holdout, meter=args.meter,
-              source_task=args.source_task, step_backend=args.step, json_path=args.json, quiet=args.quiet)
+              source_task=args.source_task, step_backend=args.step, json_path=args.json, quiet=args.quiet,
+              train_last=args.train_last)
     mib = 1 << 20
     energy = f"{r.get('joules', 0.0):.2f} J ({r.get('meter')})"
     rss = r.get("peak_rss_bytes") or 0

@@ -1,7 +1,8 @@
 """One interface for every parameter-isolation method.
 
-A method owns a backbone (a layer table plus its weights) and, per task, a head and the
-parts that select the task's parameters (a weight-level mask, or unit gates). ``learn``
+A method owns a backbone (a model graph plus its weights) and, per task, a head and the
+parts that select the task's parameters (a weight-level mask, or unit gates) of the
+graph's mask sites (every Conv and Linear weight by default). ``learn``
 adds a task; ``logits`` runs any learned task; ``export_*`` give what the bundle stores.
 Learning a task never changes the outputs of an earlier one: after every optimizer step
 the parameters earlier tasks own are written back, so this holds bit for bit.
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..architectures import feature_dim, weighted
+from edgecl.runtime.graph import Graph, MaskSite
+
 from ..data import Task
 from ..torchnet import Params, features, init_backbone, init_head
 
@@ -36,16 +38,22 @@ class Method(ABC):
     uses_bias: ClassVar[bool] = True
     defaults: ClassVar[dict] = {"epochs": 30, "batch_size": 32, "lr": 1e-3}
 
-    def __init__(self, layers: list[dict], input_shape: tuple[int, ...], seed: int = 0,
+    def __init__(self, graph: Graph, seed: int = 0, backbone: dict[str, np.ndarray] | None = None,
                  **hparams: float) -> None:
         unknown = set(hparams) - set(self.defaults)
         if unknown:
-            raise ValueError(f"{self.name}: unknown hyperparameters {sorted(unknown)}")
-        self.layers = layers
-        self.input_shape = tuple(input_shape)
+            raise ValueError(f"{self.name}: unknown hyperparameters {sorted(unknown)}; "
+                             f"it takes {sorted(self.defaults)}")
+        self.graph = graph
+        self.sites: list[MaskSite] = graph.mask_sites()
+        if not self.sites:
+            raise ValueError(f"{self.name}: the model has no Conv or Linear weight to mask")
+        self.input_shape = tuple(graph.input_shape)
         self.seed = int(seed)
         self.hp = {**self.defaults, **hparams}
-        self.params: dict[str, torch.Tensor] = self._initial_backbone()
+        self.pretrained = backbone is not None
+        self.params: dict[str, torch.Tensor] = (self._initial_backbone() if backbone is None
+                                                else self._given_backbone(backbone))
         self.heads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tasks: list[dict] = []
         # Per task: accuracy before learning it (R[j-1][j]) and at initialization (b_j).
@@ -63,14 +71,15 @@ class Method(ABC):
 
     @abstractmethod
     def task_params(self, t: int) -> Params:
-        """Weights task ``t`` runs with (for the task being learned: its current ones)."""
+        """The parameters task ``t`` runs with where they differ from ``self.params``
+        (its masked weights); for the task being learned, its current ones."""
 
     def task_gates(self, t: int) -> dict[str, torch.Tensor] | None:
         return None
 
     @abstractmethod
     def export_task(self, t: int) -> dict[str, np.ndarray]:
-        """The task file's tensors: ``mask.<layer>`` bits or ``gate.<layer>`` units, head."""
+        """The task file's tensors: ``mask.<node>`` bits or ``gate.<node>`` units, head."""
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -80,23 +89,39 @@ class Method(ABC):
 
     # -- shared machinery --------------------------------------------------------
     def _initial_backbone(self) -> dict[str, torch.Tensor]:
-        return init_backbone(self.layers, torch.Generator().manual_seed(self.seed))
+        return init_backbone(self.graph, torch.Generator().manual_seed(self.seed))
+
+    def _given_backbone(self, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Pretrained (or imported) weights: every parameter of the graph, right shapes."""
+        out = {}
+        for p in self.graph.params.values():
+            w = weights.get(p.name)
+            if w is None or tuple(w.shape) != tuple(p.shape):
+                got = "missing" if w is None else f"of shape {tuple(w.shape)}"
+                raise ValueError(f"given backbone: {p.name} is {got}; the graph needs {tuple(p.shape)}")
+            out[p.name] = torch.from_numpy(np.array(w, dtype=np.float32))
+        return out
 
     @property
     def feature_dim(self) -> int:
-        return feature_dim(self.layers)
+        return self.graph.feature_dim
+
+    def run_features(self, x: torch.Tensor, overrides: Params,
+                     gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Backbone features with ``overrides`` in place of some of ``self.params``."""
+        return features(self.graph, {**self.params, **overrides}, x, gates)
 
     def _new_head(self, n_classes: int, gen: torch.Generator) -> None:
         self.heads.append(init_head(self.feature_dim, n_classes, gen))
 
     def _x(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(
-            len(x), *self.input_shape)
+        dtype = np.int64 if self.graph.input.dtype == "int64" else np.float32
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).reshape(len(x), *self.input_shape)
 
     @torch.no_grad()
     def logits(self, x: np.ndarray | torch.Tensor, t: int) -> torch.Tensor:
         xt = x if isinstance(x, torch.Tensor) else self._x(x)
-        h = features(self.layers, self.task_params(t), xt, self.task_gates(t))
+        h = self.run_features(xt, self.task_params(t), self.task_gates(t))
         w, b = self.heads[t]
         return F.linear(h, w, b)
 
@@ -113,6 +138,8 @@ class Method(ABC):
         self.tasks.append({"name": task.name, "classes": list(task.classes)})
 
     def _accuracy_at_init(self, task: Task, t: int) -> float:
+        if self.pretrained:
+            return self.accuracy(task.x_test, task.y_test, t)  # the backbone is the given one
         saved = self.params
         self.params = self._initial_backbone()
         try:
@@ -143,6 +170,7 @@ class Method(ABC):
         state = {f"backbone.{k}": v.detach().contiguous() for k, v in self.params.items()}
         for t, (w, b) in enumerate(self.heads):
             state[f"head.{t}.weight"], state[f"head.{t}.bias"] = w.detach(), b.detach()
+        state["pretrained"] = torch.tensor(int(self.pretrained))
         state.update(self._extra_state())
         return state
 
@@ -154,7 +182,6 @@ class Method(ABC):
                       for t in range(len(tasks))]
         self.tasks = [dict(t) for t in tasks]
         self.before_acc, self.init_acc = list(before_acc), list(init_acc)
+        if "pretrained" in state:
+            self.pretrained = bool(int(state["pretrained"]))
         self._load_extra_state(state, len(tasks))
-
-    def weighted_layers(self) -> list[dict]:
-        return weighted(self.layers)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from edgecl.runtime.masks import pack_bits
 
 from ..data import Task
-from ..torchnet import Params, features, init_backbone
+from ..torchnet import Params, init_backbone
 from .base import MASK_BITS, Method
 
 
@@ -35,14 +35,16 @@ class SupSup(Method):
     name = "supsup"
     mask_kind = MASK_BITS
     uses_bias = False
-    defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-2, "density": 0.5}
+    # head_lr: the head's learning rate (0: the same as the scores'); a pretrained
+    # backbone's features can be small, and its head then needs larger steps than the scores
+    defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-2, "density": 0.5, "head_lr": 0.0}
 
-    def __init__(self, layers, input_shape, seed=0, **hp):
-        super().__init__(layers, input_shape, seed, **hp)
+    def __init__(self, graph, seed=0, backbone=None, **hp):
+        super().__init__(graph, seed, backbone, **hp)
         self.scores: list[dict[str, torch.Tensor]] = []
 
     def _initial_backbone(self):
-        return init_backbone(self.layers, torch.Generator().manual_seed(self.seed),
+        return init_backbone(self.graph, torch.Generator().manual_seed(self.seed),
                              signed_constant=True)
 
     def _init_scores(self, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -58,17 +60,17 @@ class SupSup(Method):
 
     def _begin_task(self, task: Task, gen: torch.Generator) -> None:
         self._new_head(task.n_classes, gen)
-        self.scores.append({layer["name"]: self._init_scores(self.params[f"{layer['name']}.weight"],
-                                                              gen)
-                            for layer in self.weighted_layers()})
+        self.scores.append({site.node: self._init_scores(self.params[site.weight], gen)
+                            for site in self.sites})
 
     def _masked(self, scores: dict[str, torch.Tensor]) -> Params:
         out = {}
-        for name, s in scores.items():
-            w = self.params[f"{name}.weight"]
+        for site in self.sites:
+            s = scores[site.node]
+            w = self.params[site.weight]
             m = _StraightThrough.apply(s, self.mask_of(s).to(w.dtype))
-            out[name] = (torch.where(m.detach().bool(), w, torch.zeros((), dtype=w.dtype))
-                         if not s.requires_grad else w * m, None)
+            out[site.weight] = (torch.where(m.detach().bool(), w, torch.zeros((), dtype=w.dtype))
+                                if not s.requires_grad else w * m)
         return out
 
     def task_params(self, t: int) -> Params:
@@ -78,10 +80,12 @@ class SupSup(Method):
         t = len(self.tasks)
         scores = {n: s.clone().requires_grad_(True) for n, s in self.scores[t].items()}
         hw, hb = (p.clone().requires_grad_(True) for p in self.heads[t])
-        opt = torch.optim.Adam([*scores.values(), hw, hb], lr=self.hp["lr"])
+        head_lr = self.hp["head_lr"] or self.hp["lr"]
+        opt = torch.optim.Adam([{"params": list(scores.values())}, {"params": [hw, hb], "lr": head_lr}],
+                               lr=self.hp["lr"])
 
         def step(x, y, _progress):
-            h = features(self.layers, self._masked(scores), x)
+            h = self.run_features(x, self._masked(scores))
             loss = F.cross_entropy(F.linear(h, hw, hb), y)
             opt.zero_grad()
             loss.backward()
@@ -100,45 +104,32 @@ class SupSup(Method):
         return {f"scores.{t}.{n}": s for t, d in enumerate(self.scores) for n, s in d.items()}
 
     def _load_extra_state(self, state, n_tasks):
-        names = [layer["name"] for layer in self.weighted_layers()]
-        self.scores = [{n: state[f"scores.{t}.{n}"].clone() for n in names}
+        self.scores = [{s.node: state[f"scores.{t}.{s.node}"].clone() for s in self.sites}
                        for t in range(n_tasks)]
 
 
 class Piggyback(SupSup):
     """Supermasks over a *trained* backbone: scores above ``threshold`` are kept.
 
-    The backbone is given (``set_backbone``, e.g. from another run) or, if not, trained
+    The backbone is given (``backbone=``: imported, pretrained, or from another run) or, if not, trained
     densely on the first task of the stream before any mask is learned.
     """
 
     name = "piggyback"
-    defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "threshold": 5e-3,
+    defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "head_lr": 0.0, "threshold": 5e-3,
                 "score_init": 1e-2, "pretrain_epochs": 30}
 
-    def __init__(self, layers, input_shape, seed=0, **hp):
-        super().__init__(layers, input_shape, seed, **hp)
-        self.pretrained = False
-
     def _initial_backbone(self):
-        return init_backbone(self.layers, torch.Generator().manual_seed(self.seed))
-
-    def set_backbone(self, weights: dict[str, np.ndarray]) -> None:
-        for k in self.params:
-            if k not in weights or tuple(weights[k].shape) != tuple(self.params[k].shape):
-                raise ValueError(f"given backbone lacks {k} of shape {tuple(self.params[k].shape)}")
-            self.params[k] = torch.from_numpy(np.array(weights[k], dtype=np.float32))
-        self.pretrained = True
+        return init_backbone(self.graph, torch.Generator().manual_seed(self.seed))
 
     def _pretrain(self, task: Task, gen: torch.Generator) -> None:
         ws = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
         hw, hb = (p.clone().requires_grad_(True)
                   for p in (torch.zeros(task.n_classes, self.feature_dim), torch.zeros(task.n_classes)))
         opt = torch.optim.Adam([*ws.values(), hw, hb], lr=1e-3)
-        names = [layer["name"] for layer in self.weighted_layers()]
 
         def step(x, y, _progress):
-            h = features(self.layers, {n: (ws[f"{n}.weight"], None) for n in names}, x)
+            h = self.run_features(x, ws)
             loss = F.cross_entropy(F.linear(h, hw, hb), y)
             opt.zero_grad()
             loss.backward()
@@ -149,7 +140,7 @@ class Piggyback(SupSup):
         self.pretrained = True
 
     def _accuracy_at_init(self, task, t):
-        return self.accuracy(task.x_test, task.y_test, t)  # the backbone is the given one
+        return self.accuracy(task.x_test, task.y_test, t)  # the backbone is the trained one
 
     def _init_scores(self, w, gen):
         return torch.full(w.shape, float(self.hp["score_init"]))
@@ -161,10 +152,3 @@ class Piggyback(SupSup):
         if not self.pretrained:
             self._pretrain(task, gen)
         super()._begin_task(task, gen)
-
-    def _extra_state(self):
-        return {**super()._extra_state(), "pretrained": torch.tensor(int(self.pretrained))}
-
-    def _load_extra_state(self, state, n_tasks):
-        super()._load_extra_state(state, n_tasks)
-        self.pretrained = bool(int(state["pretrained"]))

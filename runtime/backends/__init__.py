@@ -36,6 +36,7 @@ class Backend:
     """One task at a time: ``activate(task)`` then ``logits(x)`` (or ``logits(x, task)``)."""
 
     name = "base"
+    keeps_weights = True  # the backend copies a task's weights at activation
 
     def __init__(self, bundle: Bundle, **options) -> None:
         self.bundle = bundle
@@ -69,6 +70,10 @@ class Backend:
             return
         self._activate(info)
         self.task = info
+        if self.keeps_weights:
+            # The backend holds its own copy (packed, pre-packed or in an interpreter):
+            # the reference's materialized one would be a second.
+            self.runtime.forget(info["name"])
 
     def logits(self, x: np.ndarray, task: str | int | None = None) -> np.ndarray:
         if task is not None:

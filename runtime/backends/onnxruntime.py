@@ -29,7 +29,7 @@ class OnnxRuntimeBackend(Backend):
         if not has_module("onnxruntime"):
             return "the onnxruntime package is not installed"
         if bundle is not None and "onnx" not in bundle.manifest.get("exports", {}):
-            return "the bundle holds no ONNX export (run edgecl.compiler.onnx_export.export_bundle)"
+            return "the bundle holds no ONNX export (run: edgecl compile BUNDLE --target host)"
         return None
 
     def _activate(self, info: dict) -> None:
@@ -39,15 +39,9 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"task {info['name']!r} has {classes} classes; the bundle's ONNX "
                              f"export holds graphs for {sorted(self._graphs)}: export again")
         a = self.materialized(info)
-        names, values = [], []
-        for layer in self.bundle.model["layers"]:
-            if layer["op"] in ("linear", "conv2d"):
-                w, b = a.params[layer["name"]]
-                names.append(f"{layer['name']}.weight")
-                values.append(np.ascontiguousarray(w, dtype=np.float32))
-                if layer.get("bias", True):
-                    names.append(f"{layer['name']}.bias")
-                    values.append(np.ascontiguousarray(b, dtype=np.float32))
+        used = {i for n in self.bundle.graph.backbone_nodes for i in n.inputs}
+        names = [p for p in self.bundle.graph.params if p in used]
+        values = [np.asarray(a.params[p], dtype=np.float32, order="C") for p in names]  # keeps 0-d
         names += ["head.weight", "head.bias"]
         values += [np.ascontiguousarray(h, dtype=np.float32) for h in a.head]
         so = ort.SessionOptions()

@@ -2,16 +2,18 @@
 
     from edgecl.runtime.backends.tvm_train import load_train_step
     step = load_train_step("bundle/", "host")          # or target=None: this machine's
-    a = Runtime("bundle/").activate("digits-0-1")       # W_eff = W ⊙ M, head
+    a = Runtime("bundle/").activate("digits-0-1")       # a.params: graph name -> W_eff (W ⊙ M) ...
     loss, grads = step(x, labels, a.params, a.head)     # labels: ints in [0, classes) or one-hot
     grads["fc1.weight"], grads["fc1.bias"], grads["head.weight"], grads["head.bias"]
 
-``loss`` is the mean softmax cross-entropy over the batch (float); ``grads`` maps every
-weight input (``<layer>.weight``, ``<layer>.bias`` where the layer has one,
+``params`` maps every parameter the backbone reads, by its graph name, to its array
+(``ActiveTask.params``: masked weights are the effective ones). ``loss`` is the mean
+softmax cross-entropy over the batch (float); ``grads`` maps each differentiated
+parameter (``step.gradients``: every masked weight and its bias, by graph name, then
 ``head.weight``, ``head.bias``) to dL/d(that tensor) in its PyTorch layout and shape
-(the head's ``[classes, F]``, not padded). The weights are the *effective* ones, so
-the gradients are dL/dW_eff; ``packnet_update`` and ``score_grad`` turn them into a
-method's gradient. ``step(..., return_logits=True)`` also returns the batch's logits.
+(the head's ``[classes, F]``, not padded). The weights are the *effective* ones, so the
+gradients are dL/dW_eff; ``packnet_update`` and ``score_grad`` turn them into a method's
+gradient. ``step(..., return_logits=True)`` also returns the batch's logits.
 
 The library is a Relax VM executable loaded through ``tvm_ffi`` and
 ``libtvm_runtime.so`` (never ``import tvm``: no compiler, no torch on the device).
@@ -28,13 +30,19 @@ import numpy as np
 
 from ..bundle import Bundle
 from . import BackendUnavailable
-from .packing import ALIGN, aligned_empty
-from .tvm import _pick_target, load_tvm_runtime
+from .packing import aligned_empty, is_aligned
+from .tvm import _pick_target, load_tvm_runtime, load_vm
 
 
-def _aligned(a: np.ndarray) -> bool:
-    return (a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
-            and a.ctypes.data % ALIGN == 0)
+def _param(params: Mapping, name: str):
+    """``params[name]``; a format-1 ``{layer: (weight, bias)}`` mapping is read too."""
+    if name in params:
+        return params[name]
+    layer, _, kind = name.rpartition(".")
+    pair = params.get(layer)
+    if isinstance(pair, (tuple, list)) and kind in ("weight", "bias"):
+        return pair[0] if kind == "weight" else pair[1]
+    raise KeyError(f"params lacks {name!r} (the train step takes every backbone parameter by its graph name)")
 
 
 class TrainStep:
@@ -48,24 +56,23 @@ class TrainStep:
             raise BackendUnavailable(f"the bundle holds no TVM train step for "
                                      f"{target or 'this machine'}: {why}")
         self.bundle, self.target, self.entry = bundle, name, entry
-        ffi = load_tvm_runtime()
-        self._ffi = ffi
-        self._lib = ffi.load_module(str(bundle.root / entry["file"]))
-        self._vm = self._lib["vm_load_executable"]()
-        self._vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
+        self._ffi = load_tvm_runtime()
+        self._vm = load_vm(self._ffi, bundle.root / entry["file"])
         self._fn = self._vm[entry["function"]]
         self.batch = int(entry["batch"])
         self.head_rows = int(entry["head_rows"])
-        self.names = list(entry["inputs"][2:])
-        shape = tuple(bundle.model["input_shape"])
-        self._x = aligned_empty((self.batch, *shape))
+        self.names = list(entry["inputs"][2:])  # backbone parameters, head.weight, head.bias
+        self.gradients = list(entry.get("gradients", self.names))
+        graph = bundle.graph
+        self._dtype = np.dtype(graph.input.dtype)
+        self._x = aligned_empty((self.batch, *graph.input_shape), self._dtype)
         self._y = aligned_empty((self.batch, self.head_rows))
         self._hw = self._hb = None
         self._bufs: dict[str, np.ndarray] = {}
 
     def _tensor(self, name: str, a) -> object:
         a = np.asarray(a)
-        if not _aligned(a):
+        if not is_aligned(a):
             buf = self._bufs.get(name)
             if buf is None or buf.shape != a.shape:
                 buf = self._bufs[name] = aligned_empty(a.shape)
@@ -88,7 +95,7 @@ class TrainStep:
         return y.astype(np.float32, copy=False)
 
     def __call__(self, x: np.ndarray, y, params: Mapping, head, return_logits: bool = False):
-        x = np.asarray(x, np.float32)
+        x = np.asarray(x, self._dtype)
         n = len(x)
         hw, hb = (np.asarray(h, np.float32) for h in head)
         classes = hw.shape[0]
@@ -104,11 +111,9 @@ class TrainStep:
             self._hb = aligned_empty((self.head_rows,))
         self._hw[:classes], self._hw[classes:] = hw, 0.0
         self._hb[:classes], self._hb[classes:] = hb, np.float32(self.entry["pad_logit"])
-        weights = []
-        for name in self.names[:-2]:
-            layer, kind = name.rsplit(".", 1)
-            w, b = params[layer]
-            weights.append(self._tensor(name, w if kind == "weight" else b))
+        shapes = self.bundle.graph.params  # a scalar stored as [1] is a 0-d input
+        weights = [self._tensor(name, np.reshape(_param(params, name), shapes[name].shape))
+                   for name in self.names[:-2]]
         weights += [self._ffi.from_dlpack(self._hw), self._ffi.from_dlpack(self._hb)]
         loss, grads, logits = 0.0, None, []
         for i in range(0, n, self.batch):
@@ -126,7 +131,7 @@ class TrainStep:
                 grads = [a + g for a, g in zip(grads, gs, strict=True)]
             if return_logits:
                 logits.append(np.from_dlpack(lg)[:m, :classes].copy())
-        out = dict(zip(self.names, grads, strict=True))
+        out = dict(zip(self.gradients, grads, strict=True))
         out["head.weight"] = out["head.weight"][:classes]
         out["head.bias"] = out["head.bias"][:classes]
         if return_logits:
@@ -140,14 +145,22 @@ def load_train_step(bundle: str | Path | Bundle, target: str | None = None) -> T
     return TrainStep(bundle, target)
 
 
+def _weight(grads: Mapping, name: str) -> str:
+    """A weight's graph name; a format-1 layer name (``fc1``) means ``fc1.weight``."""
+    return name if name in grads else f"{name}.weight"
+
+
 def packnet_update(grads: Mapping[str, np.ndarray], free: Mapping[str, np.ndarray]) -> dict:
-    """PackNet: only the free weights move (``free[layer]`` boolean, the weight's shape)."""
+    """PackNet: only the free weights move (``free[weight name]`` boolean, the weight's shape)."""
     out = dict(grads)
-    for layer, f in free.items():
-        out[f"{layer}.weight"] = np.where(f, grads[f"{layer}.weight"], np.float32(0))
+    for name, f in free.items():
+        key = _weight(grads, name)
+        out[key] = np.where(f, grads[key], np.float32(0))
     return out
 
 
-def score_grad(grads: Mapping[str, np.ndarray], backbone: Mapping[str, np.ndarray], layer: str) -> np.ndarray:
+def score_grad(grads: Mapping[str, np.ndarray], backbone: Mapping[str, np.ndarray],
+               weight: str) -> np.ndarray:
     """SupSup / Piggyback, straight-through: dL/dscores = dL/dW_eff ⊙ W (the unmasked weight)."""
-    return grads[f"{layer}.weight"] * np.asarray(backbone[f"{layer}.weight"], np.float32)
+    key = _weight(grads, weight)
+    return grads[key] * np.asarray(backbone[key], np.float32)

@@ -65,8 +65,9 @@ def main(job_dir: Path) -> int:
         bundle = Bundle.open(job["bundle"], version=job["version"], verify=False)
         old = [bundle.task_tensors(t["name"]) for t in bundle.tasks] if job["method"] == "packnet" else []
         source = bundle.task_tensors(job["source_task"]) if job["method"] == "head" else None
-        prob = trainer.Problem(bundle.model, bundle.backbone, old, x, y, job["n_classes"], job["method"],
-                               job["hp"], job["batch_size"], job["seed"], source)
+        prob = trainer.Problem(bundle.graph, bundle.backbone, old, x, y, job["n_classes"], job["method"],
+                               job["hp"], job["batch_size"], job["seed"], source,
+                               train_last=job.get("train_last"))
         backend, step = trainer.select_step(bundle, job.get("step_backend", "auto"))
         ckpt = Path(job["checkpoint"])
         if job["resume"]:
@@ -97,8 +98,10 @@ def main(job_dir: Path) -> int:
                  "total_steps": prob.total_steps(), "joules": float(state.pos["joules"]),
                  "joules_this_run": spent[0], "meter": meter.describe(), "meter_estimate": meter.estimate,
                  "seconds": float(state.pos["seconds"]), "seconds_this_run": time.monotonic() - t_start,
-                 "last_loss": state.pos.get("last_loss"), "step_backend": backend,
-                 "kernels": kernels.status()}
+                 "last_loss": state.pos.get("last_loss"),
+                 "step_backend": getattr(step, "backend", backend),  # auto: numpy if tvm failed
+                 "step_fallback": getattr(step, "fallback_reason", None),
+                 "trained_sites": prob.trainable, "kernels": kernels.status()}
         if not finished:
             trainer.save_checkpoint(ckpt, state, job["fingerprint"])
             stats.update(status="paused", checkpoint=str(ckpt), peak_rss=peak_rss_bytes())
@@ -106,7 +109,7 @@ def main(job_dir: Path) -> int:
             return EXIT_PAUSED
         tensors, backbone = prob.result(state)
         out = {f"task.{k}": v for k, v in tensors.items()}
-        out.update({f"backbone.{k}": np.ascontiguousarray(v) for k, v in (backbone or {}).items()})
+        out.update({f"backbone.{k}": np.asarray(v, order="C") for k, v in (backbone or {}).items()})
         (job_dir / "result.safetensors").write_bytes(st_save(out))
         stats.update(status="done", peak_rss=peak_rss_bytes(), wall_s=time.monotonic() - t0)
         _write(job_dir, stats)

@@ -35,7 +35,6 @@ from ..bundle import Bundle
 from ..bundle_format import MANIFEST
 from ..bundle_write import commit, safe_name
 from ..errors import EdgeclError
-from ..layers import weighted
 from ..samples import read_labelled_npz
 from ..session import Runtime
 from . import planner, trainer
@@ -139,9 +138,15 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
           resume: bool = False, seed: int = 0, *, batch_size: int = 32, lr: float | None = None,
           holdout: float = 0.1, meter: str | dict = "auto", meter_root: str = "/",
           source_task: str | None = None, step_backend: str = "auto", json_path: str | Path | None = None,
-          quiet: bool = False, routers: bool = True, debug_alloc_mb: float = 0.0) -> dict:
+          quiet: bool = False, routers: bool = True, debug_alloc_mb: float = 0.0,
+          train_last: int | None = None) -> dict:
     """Learn ``task`` from ``samples_npz`` and commit it to the bundle; returns the report
-    (``status``: ``committed`` or ``paused``). Raises :class:`LearnError` subclasses."""
+    (``status``: ``committed`` or ``paused``). Raises :class:`LearnError` subclasses.
+
+    ``train_last=K`` (supsup, packnet) trains only the last ``K`` mask sites of the graph
+    (and the head); the sites before them are frozen — forward only, no gradients, no
+    optimizer state — with the dense backbone weights (supsup: an all-ones mask) or the
+    old tasks' union (packnet). Default: every site."""
     t_start = time.monotonic()
     root = Path(bundle_dir)
     if method not in METHODS:
@@ -150,7 +155,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     if task in bundle.task_names:
         raise LearnError(f"{root}: task {task!r} is already in the bundle (version {bundle.version})")
     model = bundle.model
-    shape = tuple(model["input_shape"])
+    graph = bundle.graph
+    shape = tuple(graph.input_shape)
     x_all, y_all, classes = load_samples(samples_npz, shape)
     tr, te = holdout_split(y_all, holdout, seed)
     x, y = x_all[tr], y_all[tr]
@@ -168,6 +174,13 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
             raise LearnError(f"{root}: packnet needs weight-level masks; the bundle has {sorted(kinds)}")
     elif source_task is not None:
         raise LearnError("--source-task is for --method head")
+    n_sites = len(graph.mask_sites())
+    if train_last is not None:
+        if method == "head":
+            raise LearnError("--train-last is for --method supsup or packnet (head trains no site)")
+        if not 1 <= int(train_last):
+            raise LearnError(f"--train-last must be at least 1, got {train_last}")
+        train_last = min(int(train_last), n_sites)
     mask_kind = bundle.task(src)["mask_kind"] if src else "weight_bits"
 
     # -- work dir, checkpoint, fingerprint ------------------------------------------
@@ -175,7 +188,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     ckpt = work / trainer.CHECKPOINT
     digest = hashlib.sha256(x_all.tobytes() + y_all.tobytes()).hexdigest()
     fingerprint = {"task": task, "method": method, "seed": int(seed), "hp": hp, "holdout": holdout,
-                   "samples_sha256": digest, "bundle_version": bundle.version, "source_task": src}
+                   "samples_sha256": digest, "bundle_version": bundle.version, "source_task": src,
+                   "train_last": train_last}
     if resume:
         if not ckpt.is_file():
             raise LearnError(f"{ckpt}: no checkpoint to resume (learning of {task!r} was not paused)")
@@ -193,14 +207,13 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
 
     # -- plan ---------------------------------------------------------------------
     bb_bytes = (root / bundle.manifest["backbone"]).stat().st_size
-    trainable = None
-    if method == "packnet":
-        old = [bundle.task_tensors(t) for t in bundle.task_names]
-        trainable = trainer.Problem(model, bundle.backbone, old, x[:1], y[:1], len(classes), method,
-                                    hp, 1, seed).trainable
-        if not trainable:
-            raise LearnError(f"{root}: no free weights left: every weight is owned by a task")
-    kw = dict(model=model, mode=method, n_tasks=len(bundle.tasks), n_classes=len(classes),
+    old = [bundle.task_tensors(t) for t in bundle.task_names] if method == "packnet" else []
+    trainable = trainer.Problem(graph, bundle.backbone, old, x[:1], y[:1], len(classes), method,
+                                hp, 1, seed, train_last=train_last).trainable
+    if method == "packnet" and not trainable:
+        where = "" if train_last is None else f" in the last {train_last} mask site(s)"
+        raise LearnError(f"{root}: no free weights left{where}: every weight is owned by a task")
+    kw = dict(graph=graph, mode=method, n_tasks=len(bundle.tasks), n_classes=len(classes),
               n_samples=len(x_all), trainable_layers=trainable, backbone_bytes=bb_bytes)
     budget = None if ram_mb is None else int(ram_mb * MiB)
     try:
@@ -228,7 +241,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                     "plan_bytes": chosen.total, "plan": chosen.as_dict(), "min_plan_bytes": minimum.total,
                     "ram_budget_bytes": budget, "baseline_address_space": base_as,
                     "address_space_limit": limit, "n_train": len(x), "n_holdout": len(te),
-                    "energy_budget_j": energy_j, "resumed": bool(resume)}
+                    "energy_budget_j": energy_j, "resumed": bool(resume), "train_last": train_last,
+                    "mask_sites": n_sites}
     with tempfile.TemporaryDirectory(prefix="edgecl-learn-") as tmp:
         job_dir = Path(tmp)
         np.savez(job_dir / "samples.npz", x=x, y=y)
@@ -236,7 +250,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                "n_classes": len(classes), "batch_size": chosen.batch_size, "seed": int(seed),
                "source_task": src, "checkpoint": str(ckpt.resolve()), "resume": bool(resume),
                "meter": meter, "meter_root": meter_root, "energy_j": energy_j, "quiet": quiet,
-               "step_backend": step_backend, "fingerprint": fingerprint, "debug_alloc_mb": debug_alloc_mb}
+               "step_backend": step_backend, "fingerprint": fingerprint, "debug_alloc_mb": debug_alloc_mb,
+               "train_last": train_last}
         (job_dir / "job.json").write_text(json.dumps(job))
 
         def limit_as() -> None:
@@ -322,24 +337,32 @@ def verify_candidate(bundle: Bundle, new_backbone: dict | None, entry: dict, ten
 
 
 def _check_owned_unchanged(bundle: Bundle, new: dict) -> None:
-    """Every owned weight (any old task's mask bit), and every bias, byte-identical."""
+    """Every owned weight (any old task's mask bit) byte-identical, and every other tensor
+    of the backbone (biases, normalization, ...) entirely."""
     from ..masks import unpack_bits
 
     old = bundle.backbone
     if set(old) != set(new):
         raise ForgettingError(f"refusing to commit: the new backbone has tensors {sorted(new)}, "
                               f"the old {sorted(old)}")
-    for layer in weighted(bundle.model["layers"]):
-        n = layer["name"]
-        w_old, w_new = np.asarray(old[f"{n}.weight"]), new[f"{n}.weight"]
+    sites = {s.weight: s for s in bundle.graph.mask_sites()}
+    masks = [bundle.task_tensors(t) for t in bundle.task_names]
+    for name in old:
+        w_old, w_new = np.asarray(old[name]), np.asarray(new[name])
+        site = sites.get(name)
+        if site is None or w_old.dtype != np.float32 or w_new.dtype != np.float32:
+            if w_old.dtype != w_new.dtype or w_old.shape != w_new.shape or w_old.tobytes() != w_new.tobytes():
+                what = next((f"the bias of {s.node}" for s in sites.values() if s.bias == name), name)
+                raise ForgettingError(f"refusing to commit: {what} changed")
+            continue
+        if w_old.shape != w_new.shape:
+            raise ForgettingError(f"refusing to commit: {name} has shape {w_new.shape}, was {w_old.shape}")
         owned = np.zeros(w_old.size, dtype=bool)
-        for t in bundle.task_names:
-            owned |= unpack_bits(bundle.task_tensors(t)[f"mask.{n}"], (w_old.size,))
-        a, b = w_old.reshape(-1).view(np.uint32), w_new.reshape(-1).view(np.uint32)
+        for m in masks:
+            owned |= unpack_bits(m[f"mask.{site.node}"], (w_old.size,))
+        a, b = w_old.reshape(-1).view(np.uint32), np.ascontiguousarray(w_new).reshape(-1).view(np.uint32)
         if not np.array_equal(a[owned], b[owned]):
-            raise ForgettingError(f"refusing to commit: owned weights of {n} changed")
-        if f"{n}.bias" in old and np.asarray(old[f"{n}.bias"]).tobytes() != new[f"{n}.bias"].tobytes():
-            raise ForgettingError(f"refusing to commit: the bias of {n} changed")
+            raise ForgettingError(f"refusing to commit: owned weights of {site.node} changed")
 
 
 def _finish(report: dict, json_path: str | Path | None) -> None:

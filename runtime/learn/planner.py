@@ -1,22 +1,36 @@
 """The RAM planner: the bytes a learning run needs, and a batch size that fits.
 
-Everything is float32 (4 bytes) unless said otherwise. With ``L`` the weighted layers,
-``n_l`` the weights of layer l, ``T`` the set of layers with a trainable entry
-(supsup: every layer; packnet: layers with a free weight; head: none), ``F`` the
-feature width, ``C`` the new task's classes, ``B`` the batch, ``N`` the samples:
+It reads the model graph only: the mask sites (``graph.mask_sites()``), the value shapes
+(``graph.shapes(batch)``) and the graph's structure — no op switch. Everything is float32
+(4 bytes; an int64 input 8). With ``n_l`` the weights of mask site l, ``T`` the trained
+sites (supsup: every site, or the last K; packnet: those with a free weight; head: none),
+``F`` the feature width, ``C`` the new task's classes, ``B`` the batch, ``N`` the samples:
 
     weights     = backbone file bytes (mapped, paged in as read)
-                  + 4 * sum_l n_l                  (materialized / trainable copies)
-                  + sum_l n_l / 8 * (tasks + 2)   (packed masks: old, free, new)
-    trainable   = supsup: 4 * sum_l n_l (scores);  packnet: 0 (the copy above);  head: 0
-    gradients   = 4 * sum_{l in T} n_l           (free parameters' layers only)
-    optimizer   = 2 * 4 * sum_{l in T} n_l       (Adam m and v)
-    head        = 4 * 4 * (C*F + C)              (value, gradient, m, v)
-    activations = 4 * B * (3 * sum_ops out_size + max_conv window size)
-                  (forward cache of every op's output, the backward's two live gradients,
-                  and the im2col view a conv materializes)
-    data        = 4 * N * prod(input_shape) + 8 * N   (+ head mode: 4 * N * F features)
-    slack       = 8 MiB                           (Python objects, temporaries)
+                  + 4 * sum_{l in T} n_l          (materialized supermask / trainable copies)
+                  + packnet: 4 * sum_{l not in T} n_l (frozen sites under the old union)
+                             + backbone file bytes    (the new backbone, serialized)
+                  + (sum_l n_l / 8 + 1) * (tasks + 2)  (packed masks: old, free, new)
+    trainable   = supsup: 4 * sum_{l in T} n_l (scores);  else 0
+    gradients   = 4 * sum_{l in T} n_l            (dL/dW_eff of trained sites only)
+                  + supsup: 4 * sum_{l in T} n_l  (the straight-through score gradients)
+    optimizer   = 2 * 4 * sum_{l in T} n_l        (Adam m and v)
+    head        = 4 * 4 * (C*F + C)               (value, gradient, m, v)
+    activations = :func:`activation_bytes` (below) + 4 * B * (2*C + F) (logits, their
+                  gradient, the features' gradient)
+    data        = itemsize * N * prod(input_shape) + 8 * N   (+ head mode: 4 * N * F features)
+    slack       = 8 MiB                            (Python objects, temporaries)
+
+Activations are simulated over the graph at batch ``B``: the forward keeps every value
+the backward reads (the inputs and outputs of the nodes downstream of the first trained
+parameter, :func:`edgecl.runtime.learn.train_numpy.kept_values`) and frees the others
+after their last use (the frozen prefix costs what inference costs); the backward holds
+the kept values plus the gradients of the values still to be consumed. At every node a
+working set is added: a node with a mask rule on a weight of shape ``[O, ...]`` works on
+its im2col windows, ``out / O * in[out_axis] * prod(weight.shape[2:])`` elements (exact
+for any Conv, grouped or depthwise; a Linear's input size), and a node with a
+``kernel_shape`` attribute on ``out * prod(kernel_shape)``; twice that (the windows and
+their gradient), plus its inputs' gradients. The peak over forward and backward counts.
 
 The minimum is the plan at B = 1. The child's address-space limit is the baseline of a
 bare child (measured: the interpreter, numpy, OpenBLAS' threads, the kernels) plus the
@@ -26,10 +40,12 @@ budget; see :mod:`edgecl.runtime.learn.child`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from ..layers import output_shapes, weight_count
+from ..graph import Graph, from_model
+from ..ops import get_op
+from .train_numpy import backward_nodes, kept_values
 
 MiB = 1 << 20
 SLACK = 8 * MiB
@@ -56,46 +72,109 @@ class Plan:
         return dict(asdict(self), total=self.total)
 
 
-def _op_sizes(layers: Sequence[dict], input_shape: Sequence[int]) -> tuple[list[int], int]:
-    """Per-op output size (per sample) and the largest conv window view (per sample)."""
-    shapes = output_shapes(layers, input_shape)
-    win = 0
-    for layer, before, after in zip(layers, [tuple(input_shape)] + shapes[:-1], shapes, strict=True):
-        if layer["op"] == "conv2d":
-            c, h, w = (int(v) for v in before)
-            k, p = int(layer["kernel_size"]), int(layer.get("padding", 0))
-            win = max(win, c * after[1] * after[2] * k * k + c * (h + 2 * p) * (w + 2 * p))
-    return [math.prod(s) for s in shapes], win
+def _itemsize(graph: Graph, name: str) -> int:
+    return 8 if name == graph.input.name and graph.input.dtype == "int64" else 4
 
 
-def plan(model: dict, *, mode: str, n_tasks: int, n_classes: int, n_samples: int,
+def _workspace(graph: Graph, node, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Elements of a node's windows (see the module docstring), 0 for none."""
+    op = get_op(node.op)
+    out = sum(math.prod(shapes[o]) for o in node.outputs)
+    rule = op.mask
+    if rule is not None and len(node.inputs) > rule.weight and node.inputs[rule.weight] in graph.params:
+        w = graph.params[node.inputs[rule.weight]].shape
+        data = [i for i in node.inputs if i not in graph.params]
+        if len(w) >= 2 and data and w[0]:
+            x = shapes[data[0]]
+            c_in = x[rule.out_axis] if -len(x) <= rule.out_axis < len(x) else 1
+            return out // w[0] * c_in * math.prod(w[2:])
+    kernel = node.attrs.get("kernel_shape")
+    if kernel:
+        return out * math.prod(int(k) for k in kernel)
+    return 0
+
+
+def _temporaries(graph: Graph, node, shapes: Mapping[str, tuple[int, ...]], size) -> int:
+    """Bytes a node's numpy code holds besides its inputs and outputs: its windows, and
+    one more copy of its inputs and outputs (a padded input, a result made contiguous)."""
+    data = [v for v in node.inputs if v not in graph.params]
+    return (4 * _workspace(graph, node, shapes) + sum(size(v) for v in data)
+            + sum(size(v) for v in node.outputs))
+
+
+def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
+    """Peak bytes of values, value gradients and op working sets of one forward (keeping
+    what the backward for ``wanted`` reads) and that backward, at ``batch``."""
+    shapes = graph.shapes(batch)
+    nodes = graph.backbone_nodes
+    params = graph.params
+
+    def size(v: str) -> int:
+        return math.prod(shapes[v]) * _itemsize(graph, v)
+
+    keep = kept_values(graph, wanted) | {graph.features}
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            last[v] = i
+    alive = {graph.input.name}
+    peak = 0
+    for i, n in enumerate(nodes):
+        alive |= set(n.outputs)
+        peak = max(peak, sum(size(v) for v in alive) + _temporaries(graph, n, shapes, size))
+        alive -= {v for v in n.inputs if last.get(v) == i and v not in keep}
+    held = sum(size(v) for v in alive)
+    # backward: the tape stays; a value's gradient lives from its first consumer's
+    # backward to its producer's
+    wanted = set(wanted)
+    live = set(wanted)
+    for n in backward_nodes(graph, wanted):
+        live |= set(n.outputs)
+    grads = {graph.features}
+    for n in reversed(backward_nodes(graph, wanted)):
+        g_in = {v for v in n.inputs if v in live and v not in params}
+        work = 4 * _workspace(graph, n, shapes) + _temporaries(graph, n, shapes, size)
+        peak = max(peak, held + sum(size(v) for v in grads | g_in) + work)
+        grads = (grads - set(n.outputs)) | g_in
+    return peak
+
+
+def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_samples: int,
          batch_size: int, trainable_layers: Sequence[str] | None = None,
          backbone_bytes: int = 0) -> Plan:
-    layers = model["layers"]
-    counts = {layer["name"]: weight_count(layer) for layer in layers if layer["op"] in ("linear", "conv2d")}
+    """The bytes of a learning run. ``trainable_layers``: the trained mask sites by node
+    name (default: every site; head mode: none)."""
+    graph = graph if isinstance(graph, Graph) else from_model(graph)
+    sites = graph.mask_sites()
+    counts = {s.node: math.prod(s.shape) for s in sites}
+    weight_of = {s.node: s.weight for s in sites}
     n_w = sum(counts.values())
     if mode == "head":
-        t_layers: list[str] = []
+        t_sites: list[str] = []
     elif trainable_layers is None:
-        t_layers = list(counts)
+        t_sites = list(counts)
     else:
-        t_layers = list(trainable_layers)
-    n_t = sum(counts[n] for n in t_layers)
-    feat = int(model["feature_dim"])
-    sizes, win = _op_sizes(layers, model["input_shape"])
-    in_size = math.prod(int(s) for s in model["input_shape"])
+        unknown = [n for n in trainable_layers if n not in counts]
+        if unknown:
+            raise KeyError(f"not mask sites of the graph: {unknown}")
+        t_sites = list(trainable_layers)
+    n_t = sum(counts[n] for n in t_sites)
+    feat = int(graph.feature_dim)
+    in_size = math.prod(graph.input_shape) * _itemsize(graph, graph.input.name)
     b = int(batch_size)
-    weights = backbone_bytes + 4 * n_w + (n_w // 8 + len(counts)) * (n_tasks + 2)
+    weights = backbone_bytes + 4 * n_t + (n_w // 8 + len(counts)) * (n_tasks + 2)
+    if mode == "packnet":
+        weights += 4 * (n_w - n_t) + backbone_bytes
     if mode == "head":
-        acts = 4 * b * (sum(sizes) + win)
-        data = 4 * n_samples * (in_size + feat) + 8 * n_samples
+        acts = activation_bytes(graph, b) + 4 * b * 2 * n_classes
+        data = n_samples * (in_size + 4 * feat) + 8 * n_samples
     else:
-        acts = 4 * b * (3 * sum(sizes) + win + 2 * n_classes)
-        data = 4 * n_samples * in_size + 8 * n_samples
+        acts = activation_bytes(graph, b, {weight_of[n] for n in t_sites}) + 4 * b * (2 * n_classes + feat)
+        data = n_samples * in_size + 8 * n_samples
     return Plan(
         batch_size=b, weights=weights,
-        trainable=4 * n_w if mode == "supsup" else 0,
-        gradients=4 * n_t, optimizer=8 * n_t,
+        trainable=4 * n_t if mode == "supsup" else 0,
+        gradients=(8 if mode == "supsup" else 4) * n_t, optimizer=8 * n_t,
         head=16 * (n_classes * feat + n_classes),
         activations=acts, data=data, slack=SLACK)
 

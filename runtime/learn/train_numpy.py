@@ -1,70 +1,93 @@
-"""Forward and backward of the layer table in numpy (the device's training math).
+"""The device's training math in numpy, on any model graph: the executor's forward with a
+tape, the head and cross-entropy, and the executor's backward.
 
-The ops are the executor's (``linear``, ``conv2d``, ``relu``, ``maxpool2d``,
-``flatten``); the forward computes exactly what :mod:`edgecl.runtime.executor` does and
-keeps what the backward needs. ``backward`` returns the gradients of the weights (and,
-when asked, biases) of the layers named in ``want``; other layers get none, and the
-gradient with respect to the input of the first layer is never formed.
+There is no op switch here: every node runs through its op in the registry
+(:mod:`edgecl.runtime.ops`), forward by :func:`edgecl.runtime.executor` semantics and
+backward by :func:`edgecl.runtime.executor.backward`, so the learner trains through any
+op that has a numpy backward.
+
+Only what the backward needs is kept (:func:`tape_forward`): the inputs and outputs of
+the nodes between a trained parameter and the features. Everything upstream of the
+first trained parameter (a frozen prefix) runs forward only and is freed after its last
+use, as in inference; no gradient is formed for it, nor for the graph's input.
 
 Everything is float32. Cross-entropy is PyTorch's mean over the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-Params = Mapping[str, tuple[np.ndarray, np.ndarray | None]]
+from .. import executor
+from ..executor import Tape
+from ..graph import Graph, GraphError, Node
+from ..ops import OpError, get_op
+
+Params = Mapping[str, np.ndarray]
 
 
-def _windows(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
-    if pad:
-        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    return np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+_PLANS: dict[tuple[int, frozenset], tuple[Graph, list[Node], frozenset]] = {}
 
 
-def forward(layers: Sequence[Mapping], params: Params, head: tuple[np.ndarray, np.ndarray],
-            x: np.ndarray, *, keep: bool = True) -> tuple[np.ndarray, list]:
-    """Logits and the per-layer cache (inputs, relu masks, pool argmaxes) for backward."""
-    cache: list = []
-    h = x
-    for layer in layers:
-        op = layer["op"]
-        if op == "linear":
-            w, b = params[layer["name"]]
-            cache.append(h if keep else None)
-            h = h @ w.T
-            if b is not None:
-                h += b
-        elif op == "conv2d":
-            w, b = params[layer["name"]]
-            k, s, p = w.shape[-1], int(layer.get("stride", 1)), int(layer.get("padding", 0))
-            win = _windows(h, k, s, p)
-            cache.append((h.shape, win) if keep else None)
-            h = np.einsum("nchwij,ocij->nohw", win, w, optimize=True)
-            if b is not None:
-                h += b[None, :, None, None]
-        elif op == "relu":
-            cache.append(h > 0 if keep else None)
-            h = np.maximum(h, 0, out=None if np.may_share_memory(h, x) else h)  # as the executor
-        elif op == "maxpool2d":
-            k = int(layer["kernel_size"])
-            n, c, hh, ww = h.shape
-            ho, wo = hh // k, ww // k
-            blocks = h[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k).transpose(0, 1, 2, 4, 3, 5)
-            blocks = blocks.reshape(n, c, ho, wo, k * k)
-            arg = blocks.argmax(axis=-1)  # the first maximum, as PyTorch
-            cache.append((h.shape, arg) if keep else None)
-            h = np.take_along_axis(blocks, arg[..., None], axis=-1)[..., 0]
-        elif op == "flatten":
-            cache.append(h.shape if keep else None)
-            h = h.reshape(h.shape[0], -1)
-        else:
-            raise ValueError(f"layer table: unknown op {op!r}")
-    cache.append(h if keep else None)  # the features, for the head
-    hw, hb = head
-    return h @ hw.T + hb, cache
+def _plan(graph: Graph, wanted: Iterable[str]) -> tuple[list[Node], frozenset]:
+    key = (id(graph), frozenset(wanted))
+    hit = _PLANS.get(key)
+    if hit is None or hit[0] is not graph:
+        live = set(key[1])
+        nodes = []
+        for n in graph.backbone_nodes:
+            if live & set(n.inputs):
+                live |= set(n.outputs)
+                nodes.append(n)
+        keep = frozenset(v for n in nodes for v in (*n.inputs, *n.outputs)) - set(graph.params)
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        hit = _PLANS[key] = (graph, nodes, keep)
+    return hit[1], hit[2]
+
+
+def backward_nodes(graph: Graph, wanted: Iterable[str]) -> list[Node]:
+    """The backbone nodes a backward pass for ``wanted`` runs through: those with an input
+    downstream of (or equal to) a wanted parameter, in order."""
+    return list(_plan(graph, wanted)[0])
+
+
+def kept_values(graph: Graph, wanted: Iterable[str]) -> set[str]:
+    """The values (not parameters) the backward for ``wanted`` reads: the inputs and
+    outputs of :func:`backward_nodes`."""
+    return set(_plan(graph, wanted)[1])
+
+
+def tape_forward(graph: Graph, params: Params, x: np.ndarray,
+                 wanted: Iterable[str]) -> tuple[np.ndarray, Tape]:
+    """Features of ``x`` and the tape :func:`edgecl.runtime.executor.backward` needs for
+    the parameters in ``wanted``. Values the backward never reads are freed after their
+    last use (the frozen prefix costs what inference costs). With every value needed this
+    is ``executor.features(graph, params, x, tape=Tape(...))``."""
+    bnodes, kept = _plan(graph, wanted)
+    nodes = graph.backbone_nodes
+    if len(bnodes) == len(nodes) and graph.input.name in kept:  # every value is read
+        tape = Tape(nodes=nodes)
+        return executor.features(graph, params, x, tape=tape), tape
+    keep = kept | {graph.features}
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for name in n.inputs:
+            last[name] = i
+    values: dict[str, np.ndarray] = {graph.input.name: x}
+    for i, n in enumerate(nodes):
+        xs = [values[name] if name in values else params[name] for name in n.inputs]
+        try:
+            ys = get_op(n.op).forward(xs, n.attrs)
+        except OpError as e:
+            raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
+        values.update(zip(n.outputs, ys, strict=True))
+        for name in n.inputs:
+            if last.get(name) == i and name in values and name not in keep:
+                del values[name]
+    return values[graph.features], Tape(nodes=nodes, values=values)
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -79,70 +102,18 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]
     return loss, (g / np.float32(n)).astype(np.float32, copy=False)
 
 
-def backward(layers: Sequence[Mapping], params: Params, head: tuple[np.ndarray, np.ndarray],
-             cache: list, g_logits: np.ndarray, want: set[str], *, bias: bool = False
-             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Gradients: ({layer: dW}, {layer: db}, d head.weight, d head.bias)."""
-    feats = cache[-1]
-    hw, _ = head
-    g_hw = g_logits.T @ feats
-    g_hb = g_logits.sum(axis=0)
-    weighted = [i for i, layer in enumerate(layers) if layer["op"] in ("linear", "conv2d")]
-    need = [i for i in weighted if layers[i]["name"] in want]
-    g_w: dict[str, np.ndarray] = {}
-    g_b: dict[str, np.ndarray] = {}
-    if not need:
-        return g_w, g_b, g_hw, g_hb
-    first = min(need)  # no gradient flows below the lowest trainable layer
-    g = g_logits @ hw
-    for i in range(len(layers) - 1, first - 1, -1):
-        layer, c = layers[i], cache[i]
-        op = layer["op"]
-        if op == "linear":
-            name = layer["name"]
-            w, _ = params[name]
-            if name in want:
-                g_w[name] = g.T @ c
-                if bias:
-                    g_b[name] = g.sum(axis=0)
-            if i > first:
-                g = g @ w
-        elif op == "conv2d":
-            name = layer["name"]
-            w, _ = params[name]
-            shape, win = c
-            if name in want:
-                g_w[name] = np.einsum("nohw,nchwij->ocij", g, win, optimize=True)
-                if bias:
-                    g_b[name] = g.sum(axis=(0, 2, 3))
-            if i > first:
-                g = _conv_input_grad(g, w, shape, int(layer.get("stride", 1)),
-                                     int(layer.get("padding", 0)))
-        elif op == "relu":
-            g = np.multiply(g, c, out=g)  # g is this backward's own array
-        elif op == "maxpool2d":
-            shape, arg = c
-            k = int(layer["kernel_size"])
-            n, ch, hh, ww = shape
-            ho, wo = arg.shape[2], arg.shape[3]
-            blocks = np.zeros((n, ch, ho, wo, k * k), dtype=np.float32)
-            np.put_along_axis(blocks, arg[..., None], g[..., None], axis=-1)
-            blocks = blocks.reshape(n, ch, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5)
-            out = np.zeros(shape, dtype=np.float32)
-            out[:, :, : ho * k, : wo * k] = blocks.reshape(n, ch, ho * k, wo * k)
-            g = out
-        elif op == "flatten":
-            g = g.reshape(c)
-    return g_w, g_b, g_hw, g_hb
-
-
-def _conv_input_grad(g: np.ndarray, w: np.ndarray, shape: tuple, stride: int, pad: int) -> np.ndarray:
-    n, c, hh, ww = shape
-    k = w.shape[-1]
-    ho, wo = g.shape[2], g.shape[3]
-    out = np.zeros((n, c, hh + 2 * pad, ww + 2 * pad), dtype=np.float32)
-    for i in range(k):
-        for j in range(k):
-            out[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += np.einsum(
-                "nohw,oc->nchw", g, w[:, :, i, j], optimize=True)
-    return out[:, :, pad : pad + hh, pad : pad + ww]
+def grads(graph: Graph, params: Params, head: tuple[np.ndarray, np.ndarray], x: np.ndarray,
+          y: np.ndarray, wanted: Iterable[str]
+          ) -> tuple[float, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One forward and backward: (loss, {wanted parameter: dL/d(it)}, dL/d head.weight,
+    dL/d head.bias). ``params`` maps every parameter to its effective array (the one the
+    forward uses), so a masked weight's gradient is dL/dW_eff."""
+    wanted = set(wanted)
+    feats, tape = tape_forward(graph, params, x, wanted)
+    hw, hb = head
+    logits = feats @ hw.T + hb
+    loss, g = cross_entropy(logits, y)
+    g_hw = g.T @ feats
+    g_hb = g.sum(axis=0)
+    gp = executor.backward(graph, params, tape, g @ hw, wanted) if wanted else {}
+    return loss, gp, g_hw, g_hb

@@ -6,6 +6,11 @@ epoch is a permutation drawn from ``(seed, phase, epoch)``; the permutation in u
 stored in the checkpoint along with every array, so a resumed run takes exactly the
 steps an uninterrupted one takes.
 
+It learns on any model graph: the trained parameters are mask sites' weights
+(``graph.mask_sites()``), all of them or the last ``K`` (``train_last``); gradients are
+formed for those only, and the graph runs backward only from the features down to the
+first of them (:mod:`.train_numpy`, through the op registry).
+
 The step function is pluggable (:data:`STEP_BACKENDS`): ``numpy`` runs forward and
 backward with :mod:`.train_numpy`; ``tvm`` takes loss and dL/dW_eff from the bundle's
 compiled training step (``targets.<t>.train_step``, see docs/compiler.md). Both update
@@ -15,7 +20,8 @@ with the masked C kernels (``masked_adam_``; ``materialize_bits`` for the superm
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from safetensors.numpy import save as st_save
 from ... import kernels
 from .. import executor
 from ..bundle_format import atomic_write_bytes
-from ..layers import weight_shape, weighted
+from ..graph import Graph, from_model
 from ..masks import materialize_bits, materialize_units, pack_bits, unpack_bits
 from . import train_numpy as T
 
@@ -47,7 +53,7 @@ class State:
 
 
 def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return np.asarray(a, dtype=np.float32, order="C")
 
 
 def _ones_bits(n: int) -> np.ndarray:
@@ -138,33 +144,54 @@ class TopK:
         self.width = max(d, 4.0 * moved, 1e-30)
 
 
-class Problem:
-    """What the child learns: the bundle's frozen parts, the data, the hyperparameters."""
+def _as_graph(model: Graph | Mapping) -> Graph:
+    return model if isinstance(model, Graph) else from_model(model)
 
-    def __init__(self, model: dict, backbone: dict[str, np.ndarray], old_masks: list[dict],
+
+class Problem:
+    """What the child learns: the bundle's frozen parts, the data, the hyperparameters.
+
+    ``graph`` is the bundle's model graph (or its manifest ``model`` entry). The mask sites
+    (``graph.mask_sites()``, by node name) are what a task masks; ``trainable`` are the
+    sites this learning updates: supsup every site, packnet the sites with a free weight,
+    head none — or, with ``train_last=K``, only those among the last ``K`` sites. Sites
+    before them are frozen: the forward runs through them, the backward never does; their
+    mask in the new task is all ones for supsup (the dense backbone weights) and the union
+    of the old tasks' masks for packnet (their free weights stay free and unchanged)."""
+
+    def __init__(self, graph: Graph | Mapping, backbone: Mapping[str, np.ndarray], old_masks: list[dict],
                  x: np.ndarray, y: np.ndarray, n_classes: int, method: str, hp: dict,
-                 batch_size: int, seed: int, source: dict[str, np.ndarray] | None = None) -> None:
-        self.model, self.layers = model, model["layers"]
-        self.wl = weighted(self.layers)
-        self.names = [layer["name"] for layer in self.wl]
+                 batch_size: int, seed: int, source: dict[str, np.ndarray] | None = None,
+                 train_last: int | None = None) -> None:
+        self.graph = _as_graph(graph)
+        self.sites = self.graph.mask_sites()
+        self.site = {s.node: s for s in self.sites}
+        self.names = [s.node for s in self.sites]
         self.backbone = backbone
         self.x, self.y, self.n_classes = x, y, n_classes
         self.method, self.hp, self.bs, self.seed = method, hp, int(batch_size), int(seed)
         self.source = source
-        self.feat = int(model["feature_dim"])
+        self.feat = int(self.graph.feature_dim)
         self.phases = [int(hp["epochs"])] + ([int(hp["retrain_epochs"])] if method == "packnet" else [])
+        if train_last is not None and int(train_last) < 1:
+            raise ValueError(f"train_last must be at least 1 (the last K mask sites), got {train_last}")
+        self.train_last = None if train_last is None else int(train_last)
+        candidates = self.names if train_last is None else self.names[-int(train_last):]
         if method == "packnet":  # free = not owned by any task (the union of their masks)
             self.union = {}
-            for n, layer in zip(self.names, self.wl, strict=True):
-                size = int(np.prod(weight_shape(layer)))
+            for s in self.sites:
+                size = math.prod(s.shape)
                 u = np.zeros(size, dtype=bool)
                 for m in old_masks:
-                    u |= unpack_bits(m[f"mask.{n}"], (size,))
-                self.union[n] = u
-            self.trainable = [n for n in self.names if not self.union[n].all()]
+                    u |= unpack_bits(m[f"mask.{s.node}"], (size,))
+                self.union[s.node] = u
+            self.trainable = [n for n in candidates if not self.union[n].all()]
         else:
-            self.trainable = list(self.names) if method == "supsup" else []
+            self.trainable = list(candidates) if method == "supsup" else []
+        # the parameters the backward differentiates: the trained sites' (effective) weights
+        self.wanted = {self.site[n].weight for n in self.trainable}
         self._features = None
+        self._frozen: dict[str, np.ndarray] | None = None
         # step caches (not state: a resumed run rebuilds them and takes the same steps)
         self.topk: dict[str, TopK] = {}
         self.buffers: dict[tuple[str, str], np.ndarray] = {}
@@ -174,13 +201,13 @@ class Problem:
         rng = np.random.default_rng([self.seed, 1])
         a: dict[str, np.ndarray] = {}
         if self.method == "supsup":
-            for n, layer in zip(self.names, self.wl, strict=True):
-                shape = weight_shape(layer)
-                bound = (6.0 / int(np.prod(shape[1:]))) ** 0.5  # kaiming uniform, as edge-popup
+            for n in self.trainable:
+                shape = self.site[n].shape
+                bound = (6.0 / max(1, math.prod(shape[1:]))) ** 0.5  # kaiming uniform, as edge-popup
                 a[f"scores.{n}"] = _f32(rng.uniform(-bound, bound, shape))
         elif self.method == "packnet":
-            for n in self.names:
-                a[f"weight.{n}"] = np.array(self.backbone[f"{n}.weight"], dtype=np.float32)
+            for n in self.trainable:
+                a[f"weight.{n}"] = np.array(self.backbone[self.site[n].weight], dtype=np.float32)
                 a[f"free.{n}"] = pack_bits(~self.union[n])
         bound = 1.0 / self.feat**0.5
         a["head.weight"] = _f32(rng.uniform(-bound, bound, (self.n_classes, self.feat)))
@@ -203,7 +230,7 @@ class Problem:
     def prune(self, state: State) -> None:
         """PackNet between phases: keep the largest free weights, zero the rest (+0.0)."""
         a = state.arrays
-        for n in self.names:
+        for n in self.trainable:
             w = a[f"weight.{n}"]
             cand = ~self.union[n]
             k = int(round(int(cand.sum()) * (1.0 - float(self.hp["prune"]))))
@@ -217,6 +244,20 @@ class Problem:
             a[f"free.{n}"] = a[f"keep.{n}"].copy()  # retrain only what this task kept
         self._reset_moments(a)
 
+    def frozen_params(self) -> dict[str, np.ndarray]:
+        """Every parameter the step does not train, as the new task will see it: backbone
+        views (supsup's frozen sites: the dense weights), and for packnet's frozen sites
+        the weights under the union of the old masks (what the new task's mask selects)."""
+        if self._frozen is None:
+            params = {name: self.backbone[name] for name in self.graph.params}
+            if self.method == "packnet":
+                for n in self.names:
+                    if n not in self.trainable and not self.union[n].all():
+                        w = self.site[n].weight
+                        params[w] = materialize_bits(self.backbone[w], pack_bits(self.union[n]))
+            self._frozen = params
+        return self._frozen
+
     # -- data ------------------------------------------------------------------
     def order(self, phase: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, 17, phase, epoch]).permutation(len(self.x))
@@ -228,10 +269,14 @@ class Problem:
         return sum(self.phases) * self.batches_per_epoch()
 
     def features(self) -> np.ndarray:
-        """Head mode: the source task's features of every sample, computed once."""
+        """Head mode: the source task's features of every sample, computed once (a batch
+        at a time, so the activations are a batch's)."""
         if self._features is None:
-            params = source_params(self.model, self.backbone, self.source)
-            self._features = executor.features(self.layers, params, self.x)
+            params = source_params(self.graph, self.backbone, self.source)
+            out = np.empty((len(self.x), self.feat), dtype=np.float32)
+            for i in range(0, len(self.x), self.bs):
+                out[i : i + self.bs] = executor.features(self.graph, params, self.x[i : i + self.bs])
+            self._features = out
         return self._features
 
     # -- the result --------------------------------------------------------------
@@ -240,32 +285,44 @@ class Problem:
         a = state.arrays
         out = {"head.weight": a["head.weight"].copy(), "head.bias": a["head.bias"].copy()}
         if self.method == "supsup":
-            for n in self.names:
-                out[f"mask.{n}"] = topk_bits(a[f"scores.{n}"], float(self.hp["density"]))
+            for s in self.sites:
+                if s.node in self.trainable:
+                    out[f"mask.{s.node}"] = topk_bits(a[f"scores.{s.node}"], float(self.hp["density"]))
+                else:  # a frozen site: the dense backbone weights
+                    out[f"mask.{s.node}"] = _ones_bits(math.prod(s.shape))
             return out, None
         if self.method == "head":
             out.update({k: v.copy() for k, v in self.source.items() if k.startswith(("mask.", "gate."))})
             return out, None
-        backbone = {k: np.array(v, dtype=v.dtype) for k, v in self.backbone.items()}
-        for n in self.names:
-            size = a[f"weight.{n}"].size
-            keep = unpack_bits(a[f"keep.{n}"], (size,))
-            out[f"mask.{n}"] = pack_bits(self.union[n] | keep)
-            backbone[f"{n}.weight"] = a[f"weight.{n}"].copy()
+        backbone = dict(self.backbone)  # untouched tensors stay what they are (mapped views)
+        for s in self.sites:
+            n = s.node
+            if n in self.trainable:
+                w = a[f"weight.{n}"]
+                keep = unpack_bits(a[f"keep.{n}"], (w.size,))
+                out[f"mask.{n}"] = pack_bits(self.union[n] | keep)
+                backbone[s.weight] = w.copy()
+            else:  # owned by the old tasks only; its free weights stay free
+                out[f"mask.{n}"] = pack_bits(self.union[n])
         return out, backbone
 
 
-def source_params(model: dict, backbone: dict, tensors: dict) -> dict:
-    """A task's materialized weights (as :func:`edgecl.runtime.session.activate`)."""
-    params = {}
-    for layer in weighted(model["layers"]):
-        n = layer["name"]
-        w, b = backbone[f"{n}.weight"], backbone.get(f"{n}.bias")
-        if f"mask.{n}" in tensors:
-            params[n] = (materialize_bits(w, tensors[f"mask.{n}"]), None if b is None else np.array(b))
+def source_params(graph: Graph | Mapping, backbone: Mapping[str, np.ndarray],
+                  tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A task's effective parameters, every parameter name -> array, from its task file's
+    ``mask.<node>`` bits or ``gate.<node>`` unit gates (as
+    :func:`edgecl.runtime.session.activate`)."""
+    graph = _as_graph(graph)
+    params = {name: backbone[name] for name in graph.params}
+    for site in graph.mask_sites():
+        w = backbone[site.weight]
+        if f"mask.{site.node}" in tensors:
+            params[site.weight] = materialize_bits(w, tensors[f"mask.{site.node}"])
         else:
-            g = tensors[f"gate.{n}"]
-            params[n] = (materialize_units(w, g), None if b is None else materialize_units(b, g))
+            g = tensors[f"gate.{site.node}"]
+            params[site.weight] = materialize_units(w, g)
+            if site.bias is not None:
+                params[site.bias] = materialize_units(backbone[site.bias], g)
     return params
 
 
@@ -278,7 +335,7 @@ def _adam(a: dict, key: str, grad: np.ndarray, bits: np.ndarray, lr: float, t: i
 
 
 def _supermask_weight(p: Problem, n: str, scores: np.ndarray) -> np.ndarray:
-    """Layer ``n``'s weight under the current supermask: the exact top-``density``
+    """Site ``n``'s weight under the current supermask: the exact top-``density``
     scores (:class:`TopK`), packed and materialized by the kernels (+0.0 where dropped,
     as the runtime does), into a buffer reused from step to step."""
     flat = scores.reshape(-1)
@@ -286,7 +343,7 @@ def _supermask_weight(p: Problem, n: str, scores: np.ndarray) -> np.ndarray:
     if tk is None:
         tk = p.topk[n] = TopK(flat.size, float(p.hp["density"]))
     bits = kernels.pack(topk_mask(flat, tk.k, tk.threshold(flat)))
-    w = p.backbone[f"{n}.weight"]
+    w = p.backbone[p.site[n].weight]
     if w.dtype != np.float32 or not w.flags.c_contiguous:
         return materialize_bits(w, bits)
     out = p.buffers.get(("w", n))
@@ -295,32 +352,35 @@ def _supermask_weight(p: Problem, n: str, scores: np.ndarray) -> np.ndarray:
     return kernels.materialize_bits(w, bits, out=out)
 
 
-def _step_params(p: Problem, s: State) -> dict:
-    """The weights the step runs with: the supermask's materialized weights, or the
-    trainable weights (PackNet)."""
-    params = {}
-    for n in p.names:
-        b = p.backbone.get(f"{n}.bias")
+def _step_params(p: Problem, s: State) -> dict[str, np.ndarray]:
+    """Every parameter the step runs with (name -> array): the trained sites' weights —
+    the supermask's materialized weights (SupSup) or the trainable weights (PackNet) —
+    and :meth:`Problem.frozen_params` for the rest."""
+    params = dict(p.frozen_params())
+    for n in p.trainable:
+        w = p.site[n].weight
         if p.method == "supsup":
-            params[n] = (_supermask_weight(p, n, s.arrays[f"scores.{n}"]), b)
+            params[w] = _supermask_weight(p, n, s.arrays[f"scores.{n}"])
         else:
-            params[n] = (s.arrays[f"weight.{n}"], b)
+            params[w] = s.arrays[f"weight.{n}"]
     return params
 
 
-def _apply(p: Problem, s: State, gw: dict, ghw: np.ndarray, ghb: np.ndarray) -> None:
-    """The masked Adam updates from dL/dW_eff (per trainable layer) and the head's gradients."""
+def _apply(p: Problem, s: State, gw: Mapping[str, np.ndarray], ghw: np.ndarray, ghb: np.ndarray) -> None:
+    """The masked Adam updates from dL/dW_eff (per trained site's weight parameter name)
+    and the head's gradients."""
     a, t, lr = s.arrays, s.pos["adam"], float(p.hp["lr"])
     for n in p.trainable:
+        g = gw[p.site[n].weight]
         if p.method == "supsup":  # straight-through: d(w*m)/dm = w goes to the scores
-            key, w = f"scores.{n}", p.backbone[f"{n}.weight"]
+            key, w = f"scores.{n}", p.backbone[p.site[n].weight]
             grad = p.buffers.get(("g", n))
             if grad is None:
                 grad = p.buffers[("g", n)] = np.empty(w.shape, np.float32)
-            np.multiply(gw[n], w, out=grad)
+            np.multiply(g, w, out=grad)
             _adam(a, key, grad, a[f"all.{key}"], lr, t)
         else:
-            _adam(a, f"weight.{n}", gw[n], a[f"free.{n}"], lr, t)
+            _adam(a, f"weight.{n}", g, a[f"free.{n}"], lr, t)
     _adam(a, "head.weight", ghw, a["all.head.weight"], lr, t)
     _adam(a, "head.bias", ghb, a["all.head.bias"], lr, t)
 
@@ -336,23 +396,22 @@ def _head_step(p: Problem, s: State, idx: np.ndarray) -> float:
 
 
 def _numpy_grads(p: Problem, params: dict, head: tuple, x: np.ndarray, y: np.ndarray):
-    logits, cache = T.forward(p.layers, params, head, x)
-    loss, g = T.cross_entropy(logits, y)
-    gw, _, ghw, ghb = T.backward(p.layers, params, head, cache, g, set(p.trainable))
-    return loss, gw, ghw, ghb
+    return T.grads(p.graph, params, head, x, y, p.wanted)
 
 
 def _masked_step(grads_fn) -> Step:
-    """A step: gradients from ``grads_fn(p, params, head, x, y) -> (loss, dL/dW_eff per
-    trainable layer, dL/dhead.weight, dL/dhead.bias)``, then the masked updates."""
+    """A step: gradients from ``grads_fn(p, params, head, x, y) -> (loss, {trained weight
+    parameter: dL/dW_eff}, dL/dhead.weight, dL/dhead.bias)``, then the masked updates.
+    The state changes only once the gradients are there (a failed call leaves it as it was)."""
 
     def step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
-        s.pos["adam"] += 1
         if p.method == "head":  # no backbone gradient: always numpy
+            s.pos["adam"] += 1
             return _head_step(p, s, idx)
         params = _step_params(p, s)
         head = (s.arrays["head.weight"], s.arrays["head.bias"])
         loss, gw, ghw, ghb = grads_fn(p, params, head, p.x[idx], p.y[idx])
+        s.pos["adam"] += 1
         _apply(p, s, gw, ghw, ghb)
         return loss
 
@@ -365,17 +424,43 @@ numpy_step.__doc__ = "One masked update on the samples ``idx`` (numpy gradients)
 
 def tvm_step_factory(bundle) -> Step:
     """The bundle's compiled TVM training step (``targets.<t>.train_step``) for this
-    machine: loss and dL/dW_eff come from the library, the masked updates stay the
-    C kernels'."""
+    machine: loss and dL/dW_eff come from the library (gradients by the graph's parameter
+    names, e.g. ``fc1.weight``), the masked updates stay the C kernels'."""
     from ..backends.tvm_train import load_train_step
 
     train_step = load_train_step(bundle)
 
     def grads(p: Problem, params: dict, head: tuple, x: np.ndarray, y: np.ndarray):
         loss, g = train_step(x, y, params, head)
-        return loss, {n: g[f"{n}.weight"] for n in p.trainable}, g["head.weight"], g["head.bias"]
+        return loss, {w: g[w] for w in p.wanted}, g["head.weight"], g["head.bias"]
 
     return _masked_step(grads)
+
+
+class FallbackStep:
+    """``auto``'s compiled step: if its first call fails (a library built for another
+    graph, a runtime that cannot run it), the whole run takes the numpy step instead — the
+    state is untouched by a failed call, so the run is the numpy run. Later failures are
+    errors. ``backend`` says which one ran; ``fallback_reason`` why numpy took over."""
+
+    def __init__(self, name: str, step: Step) -> None:
+        self.backend, self._step = name, step
+        self.fallback_reason: str | None = None
+        self._tried = False
+
+    def __call__(self, p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
+        if self._tried:
+            return self._step(p, s, idx, _unused)
+        try:
+            loss = self._step(p, s, idx, _unused)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the compiled step: numpy instead
+            self.fallback_reason = f"{self.backend} step failed ({type(e).__name__}: {e}); numpy used"
+            self.backend, self._step = "numpy", numpy_step
+            loss = numpy_step(p, s, idx, _unused)
+        self._tried = True
+        return loss
 
 
 # name -> factory(bundle) -> step; "auto" takes the bundle's compiled step for this
@@ -390,14 +475,19 @@ def register_step_backend(name: str, factory: Callable[[object], Step]) -> None:
 
 
 def select_step(bundle, backend: str = "auto") -> tuple[str, Step]:
-    """(name, step) for ``backend``; ``auto``: ``tvm`` if usable for this bundle, else numpy."""
-    if backend == "auto":
-        from ..backends import BackendUnavailable
+    """(name, step) for ``backend``; ``auto``: ``tvm`` if usable for this bundle, else numpy.
 
+    ``auto`` never fails for want of a compiled step: no ``train_step`` artifact, a
+    loader that raises, or a first step that fails all fall back to numpy (the returned
+    step's ``backend`` then says ``numpy``)."""
+    if backend == "auto":
         try:
-            return "tvm", tvm_step_factory(bundle)
-        except (BackendUnavailable, OSError, ImportError):
+            step = STEP_BACKENDS["tvm"](bundle)
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - no usable compiled step: numpy
             return "numpy", numpy_step
+        return "tvm", FallbackStep("tvm", step)
     if backend not in STEP_BACKENDS:
         raise ValueError(f"unknown step backend {backend!r}; have {', '.join(STEP_BACKENDS)}")
     return backend, STEP_BACKENDS[backend](bundle)
@@ -437,7 +527,7 @@ def run(p: Problem, s: State, step: Step, *, out_of_energy: Callable[[], bool],
 
 
 def save_checkpoint(path: Path, s: State, meta: dict) -> None:
-    arrays = {k: np.ascontiguousarray(v) for k, v in s.arrays.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in s.arrays.items()}
     data = st_save(arrays, metadata={"edgecl": "learn-checkpoint",
                                       "meta": json.dumps(meta, sort_keys=True),
                                       "pos": json.dumps(s.pos, sort_keys=True)})

@@ -107,7 +107,7 @@ class Router(ABC):
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         meta = {"router": self.name, "tasks": "\n".join(self.tasks),
-                "temperature": repr(self.temperature)}
+                "temperature": repr(self.temperature), **self._meta()}
         arrays = dict(self._arrays(), novelty=np.asarray(self.novelty, dtype=np.float64))
         return arrays, meta
 
@@ -118,4 +118,12 @@ class Router(ABC):
         r.temperature = float(meta["temperature"])
         r.novelty = [float(v) for v in arrays["novelty"]]
         r._load_arrays(arrays)
+        r._load_meta(meta)
         return r
+
+    def _meta(self) -> dict[str, str]:
+        """Extra string metadata a router stores (e.g. what it looks at)."""
+        return {}
+
+    def _load_meta(self, meta: dict[str, str]) -> None:
+        return None

@@ -2,8 +2,8 @@
 gradient an input induces in each task's subnetwork with the gradients that task's own
 data induced.
 
-For task t and input x, the score vector is |a ⊙ ∂logit_ŷ/∂a| over the features a of the
-last backbone layer (ŷ: the task's predicted class; gradient × activation, the usual
+For task t and input x, the score vector is |a ⊙ ∂logit_ŷ/∂a| over the backbone
+features a (the head's input) (ŷ: the task's predicted class; gradient × activation, the usual
 importance score), L1-normalized. Each task stores, per class, the mean of these
 vectors over its own inputs; the router's score is minus the L1 deviation of an input's
 vector from the stored one of its predicted class. (The entropy's gradient vanishes on
@@ -19,15 +19,11 @@ from .base import Router
 
 
 def _grad_scores(runtime, x: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, L1-normalized |a ⊙ ∂logit_ŷ/∂a|) at the last backbone layer."""
+    """(predicted class, L1-normalized |a ⊙ ∂logit_ŷ/∂a|) at the backbone features."""
     from .. import executor
 
     active = runtime.activate(task)
-    layers = runtime.bundle.model["layers"]
-    last = max(i for i, layer in enumerate(layers) if layer["op"] in ("linear", "conv2d"))
-    if layers[last]["op"] != "linear":
-        raise ValueError("the gradient router needs a linear last backbone layer")
-    a = executor.features(layers, active.params, x)  # features after the last layer's ReLU
+    a = executor.features(runtime.bundle.graph, active.params, x)
     hw, hb = active.head
     pred = (a @ hw.T + hb).argmax(axis=1)
     g = np.abs(a * hw[pred])  # gradient of the winning logit times activation, per unit

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import kernels
+from . import view
 from .base import UNKNOWN, Decision, Router, RouterError
 
 
@@ -41,19 +42,21 @@ class PrototypeRouter(Router):
         self.scatter = np.zeros((0, 0))
         self._fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._route = None  # kernels.prepare_route_prototype of _fused (decide's one call)
+        self.view: view.View | None = None  # what it looks at (chosen on the first task)
 
-    @staticmethod
-    def _flat(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    def _flat(self, runtime, x: np.ndarray) -> np.ndarray:
+        if self.view is None:
+            self.view = view.choose(runtime.bundle.graph)
+        return np.asarray(view.compute(self.view, runtime, x), dtype=np.float64)
 
     def _add(self, runtime, task, x, y):
-        x = self._flat(x)
+        x_in = x
+        x = self._flat(runtime, x)
         d = x.shape[1]
         if self.scatter.size == 0:
             self.scatter, self.means = np.zeros((d, d)), np.zeros((0, d))
         if y is None:  # unlabelled: the task's own predictions give the classes
-            y = runtime.logits(x.reshape(len(x), *runtime.input_shape).astype(np.float32),
-                               task).argmax(axis=1)
+            y = runtime.logits(x_in, task).argmax(axis=1)
         t = len(self.tasks)
         for c in np.unique(y):
             xc = x[y == c]
@@ -91,7 +94,8 @@ class PrototypeRouter(Router):
         return self._route
 
     def scores(self, runtime, x):
-        x = np.asarray(x).reshape(len(x), -1)
+        x = self._flat(runtime, x) if self.view is None or self.view.kind != "input" \
+            else np.asarray(x).reshape(len(x), -1)
         fused, const, starts = self._prepare()
         d = x.shape[1]
         r = x @ fused
@@ -110,6 +114,8 @@ class PrototypeRouter(Router):
             route = self._router_kernel()
         if type(x) is not np.ndarray or x.dtype != np.float32:
             return super().decide(runtime, x, threshold, fallback)
+        if self.view is not None and self.view.kind != "input":
+            x = np.ascontiguousarray(view.compute(self.view, runtime, x), dtype=np.float32)
         if x.ndim != 2:
             x = x.reshape(len(x), route.d)
         best, conf, unknown, s = route(x if x.flags.c_contiguous else np.ascontiguousarray(x),
@@ -122,6 +128,12 @@ class PrototypeRouter(Router):
     def _arrays(self):
         return {"means": self.means, "counts": self.counts, "owner": self.owner,
                 "scatter": self.scatter}
+
+    def _meta(self) -> dict[str, str]:
+        return {"view": (self.view or view.View("input")).to_json()}
+
+    def _load_meta(self, meta: dict[str, str]) -> None:
+        self.view = view.View.from_json(meta.get("view"))
 
     def _load_arrays(self, a):
         self.means, self.counts = np.array(a["means"]), np.array(a["counts"])

@@ -75,10 +75,10 @@ def update_routers(path, data: list[tuple[str, object, object]], names: list[str
             if task not in by_name:
                 raise RouterError(f"router {name}: no data for task {task!r}, which it must learn")
             x, y = by_name[task]
-            x = np.asarray(x, dtype=np.float32).reshape(len(x), *rt.input_shape)
+            x = rt.check_input(np.asarray(x).reshape(len(x), *rt.input_shape))
             router.add_task(rt, task, x, None if y is None else np.asarray(y))
-        calib = [(bundle.task_names.index(n), np.asarray(x, dtype=np.float32).reshape(
-            len(x), *rt.input_shape)) for n, x, _ in data if n in bundle.task_names]
+        calib = [(bundle.task_names.index(n), rt.check_input(np.asarray(x).reshape(
+            len(x), *rt.input_shape))) for n, x, _ in data if n in bundle.task_names]
         if calib:
             router.calibrate(rt, calib)
         states[name] = router.state()

@@ -1,0 +1,192 @@
+"""One engine session over a bundle, ONNX Runtime style.
+
+    from edgecl.runtime import Session
+    s = Session("bundle/")                          # fastest available backend
+    s = Session("bundle/", providers=["onnxruntime", "numpy"])   # first usable of these
+    out = s.run(x)                                  # no task: routed, one decision per input
+    out.task_names, out.confidence, out.reason, out.prediction
+    logits = s.logits(x, task="digits-0-1")        # a named task
+    s.reload()                                      # pick up a newly committed version
+
+The session verifies a bundle once per content (a file's sha256 is checked once per
+name: files are content-addressed and immutable, so a new version costs only its new
+files), keeps one copy of the active task's weights (the backend's; the numpy
+reference's materialized copy is dropped once a compiled backend holds them), routes and
+infers in one call, and says which backend and how many threads it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BACKENDS, BackendUnavailable, backend_class
+from .bundle import Bundle
+from .bundle_format import MANIFEST, sha256_file
+from .errors import BundleError, InputError
+from .routers import UNKNOWN
+from .routers.store import load_router
+
+# The order "fastest available" tries (compiled code first, the reference last).
+DEFAULT_PROVIDERS = tuple(BACKENDS)
+
+
+@dataclass
+class Routed:
+    """A routed batch: per input, the task (or None: unknown), the router's confidence in
+    its choice (softmax of the calibrated task scores), why an input was refused
+    (``"novel"``: no task's data looks like it; ``"low confidence"``: below the
+    threshold), and the prediction in the chosen task's labels."""
+
+    task_names: list[str | None]
+    task_index: np.ndarray
+    best: list[str]
+    confidence: np.ndarray
+    reason: list[str]
+    prediction: list[int | None]
+    router: str
+    threshold: float
+
+    def as_dicts(self) -> list[dict]:
+        return [{"task": t, "best_task": b, "confidence": float(c), "reason": r, "prediction": p}
+                for t, b, c, r, p in zip(self.task_names, self.best, self.confidence, self.reason,
+                                         self.prediction, strict=True)]
+
+
+class Session:
+    def __init__(self, bundle: str | Path | Bundle, providers: Sequence[str] | None = None, *,
+                 provider_options: dict[str, dict] | None = None, router: str | None = None,
+                 threads: int | None = None, cache_bytes: int = 64 << 20) -> None:
+        self.path = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+        self._options = dict(provider_options or {})
+        self._requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
+        for p in self._requested:
+            if p not in BACKENDS:
+                raise ValueError(f"unknown provider {p!r}; choose from {', '.join(BACKENDS)}")
+        self._router_name = router
+        self.cache_bytes = cache_bytes
+        from . import threads as _threads
+
+        self.threads = threads or _threads.current().n
+        self._verified: dict[str, str] = {}  # file -> sha256 already checked
+        self.skipped: dict[str, str] = {}  # provider -> why it was not used
+        self._open()
+
+    # -- loading -------------------------------------------------------------------
+    def _verify(self, bundle: Bundle) -> None:
+        for rel, info in sorted(bundle.manifest["files"].items()):
+            if self._verified.get(rel) == info["sha256"]:
+                continue
+            p = bundle.root / rel
+            if not p.is_file():
+                raise BundleError(p, "missing file listed in the manifest")
+            if p.stat().st_size != info["bytes"]:
+                raise BundleError(p, f"size {p.stat().st_size} bytes, the manifest says {info['bytes']}")
+            if sha256_file(p) != info["sha256"]:
+                raise BundleError(p, "sha256 mismatch: the file was modified or is corrupt")
+            self._verified[rel] = info["sha256"]
+
+    def _open(self) -> None:
+        bundle = Bundle.open(self.path, verify=False)
+        self._verify(bundle)
+        self.bundle = bundle
+        self.skipped = {}
+        self.backend = None
+        for name in self._requested:
+            try:
+                opts = {"cache_bytes": self.cache_bytes, "threads": self.threads,
+                        **self._options.get(name, {})}
+                self.backend = backend_class(name).open(bundle, **opts)
+                break
+            except (BackendUnavailable, ImportError, BundleError, ValueError) as e:
+                self.skipped[name] = str(e)
+        if self.backend is None:
+            raise BackendUnavailable("no provider is usable: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                             self.skipped.items()))
+        self._router = None
+        self._manifest_stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int]:
+        st = (self.path / MANIFEST).stat()
+        return st.st_mtime_ns, st.st_size
+
+    def reload(self) -> bool:
+        """Reopen if a new version was committed since; True when it did."""
+        if self._stamp() == self._manifest_stamp:
+            return False
+        old = self.bundle.version
+        bundle = Bundle.open(self.path, verify=False)
+        if bundle.version == old:
+            self._manifest_stamp = self._stamp()
+            return False
+        self._open()
+        return True
+
+    # -- facts ---------------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        return self.backend.name
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bundle.task_names
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.bundle.graph.input_shape
+
+    def describe(self) -> str:
+        why = "; ".join(f"{k} skipped: {v}" for k, v in self.skipped.items())
+        return (f"provider {self.provider}, {self.threads} thread(s), bundle version {self.bundle.version}"
+                + (f" ({why})" if why else ""))
+
+    # -- inference -----------------------------------------------------------------
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        return self.backend.runtime.check_input(x)
+
+    def logits(self, x: np.ndarray, task: str | int) -> np.ndarray:
+        return self.backend.logits(x, task)
+
+    def predict(self, x: np.ndarray, task: str | int) -> np.ndarray:
+        """Labels of the named task (in its own label space, its ``classes``)."""
+        return self.backend.predict(x, task)
+
+    @property
+    def router(self):
+        if self._router is None:
+            self._router = load_router(self.bundle, self._router_name)
+        return self._router
+
+    def run(self, x: np.ndarray, task: str | int | None = None, *, threshold: float = 0.5,
+            fallback: str | int | None = None) -> Routed | np.ndarray:
+        """Predictions. With ``task``: that task's labels. Without: the router decides per
+        input (see :class:`Routed`); ``fallback`` takes the inputs it refuses."""
+        if task is not None:
+            return self.predict(x, task)
+        x = self.check_input(x)
+        router = self.router
+        fb = None if fallback is None else self.bundle.task(fallback)["index"]
+        d = router.decide(self.backend.runtime, x, threshold, fb)
+        names = self.bundle.task_names
+        top = d.scores.max(axis=1)
+        novel = top < router.novelty_floor
+        refused = novel | (d.confidence < threshold)
+        tail = "" if fb is None else ", sent to the fallback task"
+        reason = ["ok" if not r else ("novel" if n else "low confidence") + tail
+                  for r, n in zip(refused, novel, strict=True)]
+        pred: list[int | None] = [None] * len(x)
+        for t in np.unique(d.task):
+            if t == UNKNOWN:
+                continue
+            sel = np.flatnonzero(d.task == t)
+            labels = self.backend.predict(x[sel], int(t))
+            for i, p in zip(sel, labels, strict=True):
+                pred[int(i)] = int(p)
+        return Routed([None if t == UNKNOWN else names[int(t)] for t in d.task], d.task,
+                      [names[int(b)] for b in d.best], d.confidence, reason, pred, router.name, threshold)
+
+
+__all__ = ["DEFAULT_PROVIDERS", "InputError", "Routed", "Session"]
