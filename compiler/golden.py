@@ -29,20 +29,11 @@ from edgecl.runtime.session import Runtime
 DEFAULT_INPUTS = 16
 
 
-def canary_inputs(input_shape, n: int = DEFAULT_INPUTS, seed: int = 0, dtype: str = "float32",
-                  vocab: int = 1024) -> np.ndarray:
-    """Seeded inputs: uniform [0, 1) floats, or token ids below ``vocab``."""
-    rng = np.random.default_rng(seed)
-    if dtype == "int64":
-        return rng.integers(0, vocab, (n, *tuple(input_shape)), dtype=np.int64)
-    return rng.random((n, *tuple(input_shape)), dtype=np.float32)
-
-
 def bundle_canaries(bundle: Bundle, n: int = DEFAULT_INPUTS, seed: int = 0) -> np.ndarray:
     """Canary inputs fit for the bundle's model (token ids within its embedding table)."""
-    g = bundle.graph
-    vocab = min((p.shape[0] for p in g.params.values() if p.role == "embedding"), default=1024)
-    return canary_inputs(g.input_shape, n, seed, g.input.dtype, vocab)
+    from edgecl.runtime.routers.view import canary
+
+    return canary(bundle, n, seed)
 
 
 def golden_is_fresh(bundle: Bundle) -> bool:

@@ -8,7 +8,10 @@
     logits = s.logits(x, task="digits-0-1")        # a named task
     s.reload()                                      # pick up a newly committed version
 
-The session verifies a bundle once per content (a file's sha256 is checked once per
+With no ``providers``, the session opens every usable one, times a batch-1 inference
+of each (a few runs, median) and keeps the fastest: which backend wins depends on the
+model and the board (measured: ONNX Runtime, LiteRT or TVM, model by model). The
+session verifies a bundle once per content (a file's sha256 is checked once per
 name: files are content-addressed and immutable, so a new version costs only its new
 files), keeps one copy of the active task's weights (the backend's; the numpy
 reference's materialized copy is dropped once a compiled backend holds them), routes and
@@ -62,6 +65,7 @@ class Session:
                  threads: int | None = None, cache_bytes: int = 64 << 20) -> None:
         self.path = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
         self._options = dict(provider_options or {})
+        self._measure = not providers  # no order given: time the usable ones, keep the fastest
         self._requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
         for p in self._requested:
             if p not in BACKENDS:
@@ -94,15 +98,28 @@ class Session:
         self._verify(bundle)
         self.bundle = bundle
         self.skipped = {}
+        self.timings: dict[str, float] = {}
         self.backend = None
         for name in self._requested:
             try:
                 opts = {"cache_bytes": self.cache_bytes, "threads": self.threads,
                         **self._options.get(name, {})}
-                self.backend = backend_class(name).open(bundle, **opts)
-                break
+                backend = backend_class(name).open(bundle, **opts)
             except (BackendUnavailable, ImportError, BundleError, ValueError) as e:
                 self.skipped[name] = str(e)
+                continue
+            if not self._measure:
+                self.backend = backend
+                break
+            if name == "numpy" and self.backend is not None:
+                break  # the reference is never faster than a compiled provider worth timing
+            try:
+                self.timings[name] = _batch1_seconds(backend)
+            except Exception as e:  # a backend that cannot run this bundle is not chosen
+                self.skipped[name] = f"{type(e).__name__}: {e}"
+                continue
+            if self.backend is None or self.timings[name] < self.timings[self.backend.name]:
+                self.backend = backend
         if self.backend is None:
             raise BackendUnavailable("no provider is usable: " + "; ".join(f"{k}: {v}" for k, v in
                                                                              self.skipped.items()))
@@ -140,7 +157,9 @@ class Session:
 
     def describe(self) -> str:
         why = "; ".join(f"{k} skipped: {v}" for k, v in self.skipped.items())
+        timed = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in self.timings.items())
         return (f"provider {self.provider}, {self.threads} thread(s), bundle version {self.bundle.version}"
+                + (f"; batch-1 inference measured at open: {timed}" if timed else "")
                 + (f" ({why})" if why else ""))
 
     # -- inference -----------------------------------------------------------------
@@ -187,6 +206,25 @@ class Session:
                 pred[int(i)] = int(p)
         return Routed([None if t == UNKNOWN else names[int(t)] for t in d.task], d.task,
                       [names[int(b)] for b in d.best], d.confidence, reason, pred, router.name, threshold)
+
+
+def _batch1_seconds(backend, runs: int = 5) -> float:
+    """Median seconds of a batch-1 inference of the first task (0 when there is none)."""
+    import time
+
+    if not backend.bundle.tasks:
+        return 0.0
+    from .routers.view import canary
+
+    backend.activate(0)
+    x = canary(backend.bundle)
+    backend.run_checked(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        backend.run_checked(x)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[runs // 2]
 
 
 __all__ = ["DEFAULT_PROVIDERS", "InputError", "Routed", "Session"]

@@ -121,7 +121,6 @@ def test_bench_zoo_rejects_an_unknown_model(capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_bench_zoo_quick_plumbing(tmp_path, monkeypatch, capsys):
     """`edgecl bench zoo --models ds-cnn --quick`: the cached 2-task bundle, its exports, one
     table and the summary, the JSON document (fields, not speed); a second run reuses the cache."""

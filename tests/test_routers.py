@@ -178,3 +178,30 @@ def test_prototype_fused_decide_matches_generic_decide(trained, digits, impl):
     router.decide(rt, xs[1][:3])
     for a, b in zip((d1.task, d1.best, d1.confidence, d1.scores), keep, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_sampled_view_is_the_first_layer_exactly():
+    """Large image inputs: the router looks at the first Conv (+ its activation) at a grid
+    of output positions; those values equal the full layer's at the same positions."""
+    from edgecl.runtime import executor
+    from edgecl.runtime.graph import Graph, Node, Param, Value
+    from edgecl.runtime.routers import view as V
+
+    rng = np.random.default_rng(0)
+    for size, stride, pads, dil, group in [(32, 1, [1, 1, 1, 1], 1, 1), (97, 2, [0, 1, 1, 0], 1, 1),
+                                           (49, 2, [2, 2, 3, 2], 2, 3)]:
+        params = [Param("w", (12, 3 // group, 3, 3), "weight"), Param("b", (12,), "bias")]
+        nodes = [Node("c", "Conv", ("x", "w", "b"), ("c",),
+                      {"strides": [stride, stride], "pads": pads, "dilations": [dil, dil], "group": group}),
+                 Node("r", "Clip", ("c",), ("r",), {"min": 0.0, "max": 6.0}),
+                 Node("g", "GlobalAveragePool", ("r",), ("g",)), Node("f", "Flatten", ("g",), ("f",))]
+        g = Graph([Value("x", (3, size, size))], params, nodes, "f")
+        w = {"w": rng.standard_normal((12, 3 // group, 3, 3)).astype(np.float32),
+             "b": rng.standard_normal(12).astype(np.float32)}
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        view = V.choose(g)
+        assert view.kind == "sampled" and view.value == "r"
+        full = executor.value(g, w, x, "r")
+        rows = np.linspace(0, full.shape[2] - 1, V.SAMPLES).round().astype(int)
+        cols = np.linspace(0, full.shape[3] - 1, V.SAMPLES).round().astype(int)
+        np.testing.assert_allclose(V._sampled(g, w, x, view), full[:, :, rows][:, :, :, cols], atol=1e-5)

@@ -103,3 +103,20 @@ def test_piggyback_on_pretrained_efficientnet_lite0_learns_split_digits(tmp_path
     r = evaluate(bundle, [(t.name, t.x_test, t.y_test) for t in stream.tasks])
     assert r["acc"] >= 0.97, r["acc_matrix"]
     assert r["bwt"] == 0.0
+
+
+def test_router_on_a_zoo_image_model_looks_at_backbone_features(tmp_path):
+    """3x32x32 inputs (ResNet-8): the default router's view is the first conv's sampled
+    output (not the 3,072 pixels), and it tells Split-Digits tasks apart."""
+    from edgecl.runtime import Session
+    from edgecl.runtime.routers.store import load_router
+
+    graph, weights = import_model("resnet8")
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    train(small_digits(tmp_path), "supsup", run_dir, graph=graph, hparams={"epochs": 2}, log=lambda s: None)
+    bundle_run(run_dir, bundle)
+    s = Session(bundle, providers=["numpy"])
+    assert load_router(s.bundle).view.kind == "sampled"
+    stream = load_spec(load_run(run_dir).config["stream"])
+    hits = [np.mean([t == task.name for t in s.run(task.x_test).task_names]) for task in stream.tasks]
+    assert min(hits) >= 0.8, hits

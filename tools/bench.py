@@ -7,8 +7,8 @@ on the same inputs (the bundle's canary inputs), so cold load and peak RSS are i
 edgecl rows (``kind: edgecl``; the timed call is the public one, ``Session.logits(x, task)``,
 input validation included; ``p50_backend_s`` is the backend's own ``run_checked``):
 
-- ``edgecl``: ``Session(bundle)`` with its default providers (the fastest available;
-  ``provider`` says which it picked);
+- ``edgecl``: ``Session(bundle)`` with its default providers (the first available of tvm,
+  onnxruntime, tflite, numpy; ``provider`` says which it picked);
 - ``numpy``, ``tvm``, ``onnxruntime``, ``tflite``: ``Session(bundle, providers=[name])``.
 
 Peer rows (``kind: peer``; no edgecl code in their process' timed path):
@@ -18,9 +18,9 @@ Peer rows (``kind: peer``; no edgecl code in their process' timed path):
 - ``litert``: a plain ``ai_edge_litert`` (else ``tflite_runtime``) ``Interpreter`` on the
   task's filled ``.tflite``, one interpreter per batch size;
 - ``torch``: PyTorch eager on the original zoo ``nn.Module`` (``zoo_module``: BatchNorm
-  layers and all, its classifier replaced by the task's head, the task's weights loaded and
-  checked against the numpy reference) when the bundle came from the zoo; else the graph
-  run through ``edgecl.models.torchnet``.
+  layers and all, its classifier replaced by the task's head, the task's weights loaded;
+  its features first checked against the numpy reference on the unmasked backbone) when
+  the bundle came from the zoo; else the graph run through ``edgecl.models.torchnet``.
 
 Per row and batch size: latency p50/p99, throughput, ``x_peer`` (p50 over the fastest peer's
 at that batch), cold load (process start to the first task's first output), task switch
@@ -29,7 +29,7 @@ session from the other task's file; ``litert``: new interpreters from the other 
 file for the batch sizes in use; ``torch``: ``load_state_dict`` of the other task's
 weights read from disk), also per million masked weights, the peak RSS of the process, the
 router's time (its own process, one thread) and its share of that row's inference, and
-``check``: the row's batch-1 logits against the numpy reference (max |diff| / max(1, |ref|)).
+``check``: the row's batch-1 logits against the numpy reference (max |diff| / max |ref|).
 
     edgecl bench BUNDLE_DIR [--backends edgecl,numpy,tvm,onnxruntime,tflite,ort,litert,torch]
                  [--batch 1,32] [--iters 20000] [--seconds 2] [--json OUT] [--plot OUT.png]
