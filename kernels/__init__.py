@@ -2,8 +2,9 @@
 
 The hot paths of mask work -- materializing ``W ⊙ M`` from the mapped backbone and a
 task's packed mask, masked optimizer steps that touch only free weights, nested
-(PackNet) masks, mask algebra, packing -- as portable C99 built with cffi (API mode)
-when the package is installed, with a numpy reference for each.
+(PackNet) masks, mask algebra, packing -- and the depthwise convolutions of the numpy
+executor and learner (forward, input and weight gradients), as portable C99 built with
+cffi (API mode) when the package is installed, with a numpy reference for each.
 
     from edgecl import kernels
     kernels.status()                        # "native (cffi, .../_native....so; ...)"

@@ -418,25 +418,17 @@ EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fus
 
 /* Every loop below adds one float32 product at a time (no FMA: -ffp-contract=off), in
  * the order the header states, so forward and grad_input equal the numpy twin byte for
- * byte. The inner loops run along a row (contiguous for stride 1) and vectorize; the
- * common 3-wide kernels fuse their taps into one pass over the row where all of them
- * fall inside the input (the same additions in the same order, fewer loads and stores). */
+ * byte. Each input plane is first copied into a zero-padded scratch plane, as the twin
+ * pads, so the loops need no bounds checks; they run along rows (contiguous for stride
+ * 1) and vectorize. 3x3 kernels fuse their nine taps into one pass. Narrow stride-1
+ * planes run as one flat loop over rows of the padded pitch (the extra columns are
+ * scratch), so the loops stay long even for 3x3 or 25x5 planes. */
 
 #if defined(__GNUC__)
 #define EK_INLINE static inline __attribute__((always_inline))
 #else
 #define EK_INLINE static inline
 #endif
-
-/* The output columns [*lo, *hi) whose input column q*sw + off lies in [0, W). */
-EK_INLINE void dw_cols(int64_t off, int64_t sw, int64_t W, int64_t Wo, int64_t *lo, int64_t *hi) {
-    int64_t a = off >= 0 ? 0 : (-off + sw - 1) / sw;
-    int64_t b = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / sw + 1;
-    if (b > Wo) b = Wo;
-    if (a > b) a = b;
-    *lo = a;
-    *hi = b;
-}
 
 /* yr[q] += wv * xr[q*sw + off] for q in [lo, hi). */
 EK_INLINE void dw_madd(float *restrict yr, const float *restrict xr, float wv, int64_t lo,
@@ -515,7 +507,7 @@ EK_INLINE void dw_forward_rows(float *restrict yp, const float *restrict P, cons
 EK_INLINE void dw_forward_flat(float *restrict yp, float *restrict Y, const float *restrict P,
                                const float *restrict wp, int64_t Ho, int64_t Wo, int64_t Wp, int64_t kh,
                                int64_t kw, int64_t dh, int64_t dw) {
-    const int64_t L = Ho * Wp;
+    const int64_t L = (Ho * Wp + 7) & ~(int64_t)7; /* whole vectors: the scratch extends that far */
     if (kh == 3 && kw == 3) {
         const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
                     w20 = wp[6], w21 = wp[7], w22 = wp[8];
@@ -556,8 +548,9 @@ EK_HOT int ek_dwconv_forward(const float *restrict x, const float *restrict w, f
     const int64_t O = C * M;
     const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
     const int flat = sh == 1 && sw == 1 && Wo < 16;
-    const int64_t tail = flat ? (kw - 1) * dw : 0;
-    float *P = (float *)malloc((size_t)(Hp * Wp + tail + (flat ? Ho * Wp : 0)) * sizeof(float));
+    const int64_t L8 = (Ho * Wp + 7) & ~(int64_t)7;
+    const int64_t tail = flat ? (L8 - Ho * Wp) + (kw - 1) * dw : 0;
+    float *P = (float *)malloc((size_t)(Hp * Wp + tail + (flat ? L8 : 0)) * sizeof(float));
     if (!P) return -1;
     float *Y = P + Hp * Wp + tail;
     for (int64_t n = 0; n < N; n++)
@@ -582,76 +575,58 @@ EK_HOT int ek_dwconv_forward(const float *restrict x, const float *restrict w, f
     return 0;
 }
 
-EK_HOT void ek_dwconv_grad_input(const float *restrict gy, const float *restrict w,
-                                 float *restrict gx, int64_t N, int64_t C, int64_t H, int64_t W,
-                                 int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                                 int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
-                                 int64_t Wo) {
+EK_HOT int ek_dwconv_grad_input(const float *restrict gy, const float *restrict w,
+                                float *restrict gx, int64_t N, int64_t C, int64_t H, int64_t W,
+                                int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
+                                int64_t Wo) {
+    /* Into a zero-padded scratch plane [Hp, Wp] per input plane, tap by tap (i, j), then
+     * multiplier by multiplier, each output gradient row added where the tap read; then
+     * the part that is the input is copied out (what fell on the padding is dropped). */
     const int64_t O = C * M;
+    const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
+    float *P = (float *)malloc((size_t)(Hp * Wp) * sizeof(float));
+    if (!P) return -1;
+    /* the input rows and columns inside the padded plane */
+    const int64_t h1 = pt + H < Hp ? pt + H : Hp, v1 = pl + W < Wp ? pl + W : Wp;
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
-            float *gxp = gx + (n * C + c) * H * W;
-            for (int64_t h = 0; h < H; h++) {
-                float *restrict gxr = gxp + h * W;
-                for (int64_t v = 0; v < W; v++) gxr[v] = 0.0f;
-                for (int64_t i = 0; i < kh; i++) {
-                    const int64_t t = h + pt - i * dh;
-                    if (t < 0 || t % sh) continue;
-                    const int64_t p = t / sh;
-                    if (p >= Ho) continue;
-                    if (M == 1 && kw == 3 && sw == 1) {
-                        /* gxr[v] += w[i, j] * gyr[v - off_j], j = 0, 1, 2, fused where all
-                         * three columns v - off_j fall in [0, Wo) */
-                        const float *restrict gyr = gy + ((n * O + c) * Ho + p) * Wo;
-                        const float *restrict wr = w + (c * kh + i) * 3;
-                        const int64_t off0 = -pl, off2 = 2 * dw - pl;
-                        int64_t a = off2 > 0 ? off2 : 0, b = Wo + off0 < W ? Wo + off0 : W;
-                        if (a < b) {
-                            const float w0 = wr[0], w1 = wr[1], w2 = wr[2];
-                            float *restrict gs = gxr + a;
-                            const float *restrict g0 = gyr + (a - off0);
-                            const float *restrict g1 = g0 - dw;
-                            const float *restrict g2 = g0 - 2 * dw;
-                            for (int64_t q = 0; q < b - a; q++)
-                                gs[q] = ((gs[q] + w0 * g0[q]) + w1 * g1[q]) + w2 * g2[q];
-                        } else {
-                            a = b = 0;
-                        }
-                        for (int64_t j = 0; j < 3; j++) {
-                            const int64_t off = j * dw - pl;
-                            int64_t lo, hi;
-                            dw_cols(off, 1, W, Wo, &lo, &hi); /* q range; v = q + off */
-                            /* the parts of [lo + off, hi + off) outside [a, b) */
-                            int64_t e1 = a - off < hi ? a - off : hi;
-                            int64_t s2 = b - off > lo ? b - off : lo;
-                            if (a >= b) { e1 = hi; s2 = hi; }
-                            for (int64_t q = lo; q < e1; q++) gxr[q + off] = gxr[q + off] + wr[j] * gyr[q];
-                            for (int64_t q = s2; q < hi; q++) gxr[q + off] = gxr[q + off] + wr[j] * gyr[q];
-                        }
-                        continue;
-                    }
-                    for (int64_t j = 0; j < kw; j++) {
-                        const int64_t off = j * dw - pl;
-                        int64_t lo, hi;
-                        dw_cols(off, sw, W, Wo, &lo, &hi);
-                        if (lo >= hi) continue;
-                        for (int64_t m = 0; m < M; m++) {
-                            const int64_t o = c * M + m;
-                            const float *restrict gyr = gy + ((n * O + o) * Ho + p) * Wo;
-                            const float wv = w[(o * kh + i) * kw + j];
+            for (int64_t k = 0; k < Hp * Wp; k++) P[k] = 0.0f;
+            for (int64_t i = 0; i < kh; i++)
+                for (int64_t j = 0; j < kw; j++)
+                    for (int64_t m = 0; m < M; m++) {
+                        const int64_t o = c * M + m;
+                        const float wv = w[(o * kh + i) * kw + j];
+                        const float *restrict gyp = gy + (n * O + o) * Ho * Wo;
+                        for (int64_t p = 0; p < Ho; p++) {
+                            float *restrict r = P + (p * sh + i * dh) * Wp + j * dw;
+                            const float *restrict g = gyp + p * Wo;
                             if (sw == 1) {
-                                float *restrict gs = gxr + lo + off;
-                                const float *restrict ys = gyr + lo;
-                                for (int64_t q = 0; q < hi - lo; q++) gs[q] = gs[q] + wv * ys[q];
+                                for (int64_t q = 0; q < Wo; q++) r[q] = r[q] + wv * g[q];
+                            } else if (sw == 2) {
+                                for (int64_t q = 0; q < Wo; q++) r[2 * q] = r[2 * q] + wv * g[q];
                             } else {
-                                for (int64_t q = lo; q < hi; q++)
-                                    gxr[q * sw + off] = gxr[q * sw + off] + wv * gyr[q];
+                                for (int64_t q = 0; q < Wo; q++) r[q * sw] = r[q * sw] + wv * g[q];
                             }
                         }
                     }
+            /* copy out; input rows / columns the taps never reached get 0 */
+            float *restrict gxp = gx + (n * C + c) * H * W;
+            for (int64_t h = 0; h < H; h++) {
+                float *restrict gr = gxp + h * W;
+                const int64_t r = h + pt;
+                if (r >= h1) {
+                    for (int64_t v = 0; v < W; v++) gr[v] = 0.0f;
+                    continue;
                 }
+                const float *restrict pr = P + r * Wp + pl;
+                const int64_t len = v1 - pl > 0 ? v1 - pl : 0;
+                for (int64_t v = 0; v < len; v++) gr[v] = pr[v];
+                for (int64_t v = len; v < W; v++) gr[v] = 0.0f;
             }
         }
+    free(P);
+    return 0;
 }
 
 EK_HOT int ek_dwconv_grad_weight(const float *restrict x, const float *restrict gy,
@@ -659,42 +634,89 @@ EK_HOT int ek_dwconv_grad_weight(const float *restrict x, const float *restrict 
                                  int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                                  int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
                                  int64_t Wo) {
+    /* Each input plane is read into a zero-padded scratch plane P (as the forward). Stride
+     * 1: the output gradient is laid out with P's row pitch (zeros in the extra columns)
+     * and each tap is one flat dot product, in 8 partial sums; other strides accumulate
+     * per output column. The partial sums are added up at the end. */
     const int64_t O = C * M, T = kh * kw;
-    float *acc = (float *)malloc((size_t)(T * Wo) * sizeof(float));
-    if (!acc) return -1;
+    const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
+    const int flat = sh == 1 && sw == 1;
+    const int64_t L = (Ho * Wp + 7) & ~(int64_t)7; /* whole vectors: G's extra entries are 0 */
+    const int64_t tail = flat ? (L - Ho * Wp) + (kw - 1) * dw : 0, lanes = flat ? 8 : Wo;
+    float *P = (float *)malloc((size_t)(Hp * Wp + tail + (flat ? L : 0) + T * lanes) * sizeof(float));
+    if (!P) return -1;
+    float *G = P + Hp * Wp + tail;
+    float *acc = G + (flat ? L : 0);
     for (int64_t o = 0; o < O; o++) {
-        for (int64_t k = 0; k < T * Wo; k++) acc[k] = 0.0f;
+        for (int64_t k = 0; k < T * lanes; k++) acc[k] = 0.0f;
         for (int64_t n = 0; n < N; n++) {
-            const float *xp = x + (n * C + o / M) * H * W;
-            const float *gyp = gy + (n * O + o) * Ho * Wo;
-            for (int64_t p = 0; p < Ho; p++) {
-                const float *restrict gyr = gyp + p * Wo;
-                for (int64_t i = 0; i < kh; i++) {
-                    const int64_t ih = p * sh - pt + i * dh;
-                    if (ih < 0 || ih >= H) continue;
-                    const float *restrict xr = xp + ih * W;
+            dw_pad_plane(P, x + (n * C + o / M) * H * W, H, W, Hp, Wp, pt, pl, tail);
+            const float *restrict gyp = gy + (n * O + o) * Ho * Wo;
+            if (flat) {
+                for (int64_t p = 0; p < Ho; p++) {
+                    float *restrict gr = G + p * Wp;
+                    for (int64_t q = 0; q < Wo; q++) gr[q] = gyp[p * Wo + q];
+                    for (int64_t q = Wo; q < Wp; q++) gr[q] = 0.0f;
+                }
+                for (int64_t k = Ho * Wp; k < L; k++) G[k] = 0.0f;
+                if (kh == 3 && kw == 3) { /* the nine taps in one pass over G */
+                    const int64_t o1 = dw, o2 = 2 * dw, r1 = dh * Wp, r2 = 2 * dh * Wp;
+                    const float *restrict p0 = P, *restrict p1 = P + r1, *restrict p2 = P + r2;
+                    float s[9][8];
+                    for (int t = 0; t < 9; t++)
+                        for (int l = 0; l < 8; l++) s[t][l] = acc[t * 8 + l];
+                    for (int64_t k = 0; k < L; k += 8)
+                        for (int l = 0; l < 8; l++) {
+                            const float g = G[k + l];
+                            s[0][l] = s[0][l] + g * p0[k + l];
+                            s[1][l] = s[1][l] + g * p0[k + l + o1];
+                            s[2][l] = s[2][l] + g * p0[k + l + o2];
+                            s[3][l] = s[3][l] + g * p1[k + l];
+                            s[4][l] = s[4][l] + g * p1[k + l + o1];
+                            s[5][l] = s[5][l] + g * p1[k + l + o2];
+                            s[6][l] = s[6][l] + g * p2[k + l];
+                            s[7][l] = s[7][l] + g * p2[k + l + o1];
+                            s[8][l] = s[8][l] + g * p2[k + l + o2];
+                        }
+                    for (int t = 0; t < 9; t++)
+                        for (int l = 0; l < 8; l++) acc[t * 8 + l] = s[t][l];
+                    continue;
+                }
+                for (int64_t i = 0; i < kh; i++)
                     for (int64_t j = 0; j < kw; j++) {
-                        const int64_t off = j * dw - pl;
-                        int64_t lo, hi;
-                        dw_cols(off, sw, W, Wo, &lo, &hi);
-                        if (lo >= hi) continue;
-                        float *restrict ar = acc + (i * kw + j) * Wo;
-                        if (sw == 1) {
-                            const float *restrict xs = xr + lo + off;
-                            for (int64_t q = lo; q < hi; q++) ar[q] = ar[q] + gyr[q] * xs[q - lo];
-                        } else {
-                            for (int64_t q = lo; q < hi; q++) ar[q] = ar[q] + gyr[q] * xr[q * sw + off];
+                        const float *restrict ps = P + i * dh * Wp + j * dw;
+                        const float *restrict gs = G;
+                        float *restrict a = acc + (i * kw + j) * 8;
+                        float s[8];
+                        for (int l = 0; l < 8; l++) s[l] = a[l];
+                        for (int64_t k = 0; k < L; k += 8)
+                            for (int l = 0; l < 8; l++) s[l] = s[l] + gs[k + l] * ps[k + l];
+                        for (int l = 0; l < 8; l++) a[l] = s[l];
+                    }
+            } else {
+                for (int64_t p = 0; p < Ho; p++) {
+                    const float *restrict gr = gyp + p * Wo;
+                    for (int64_t i = 0; i < kh; i++) {
+                        const float *restrict r = P + (p * sh + i * dh) * Wp;
+                        for (int64_t j = 0; j < kw; j++) {
+                            float *restrict a = acc + (i * kw + j) * Wo;
+                            const float *restrict rs = r + j * dw;
+                            if (sw == 2) {
+                                for (int64_t q = 0; q < Wo; q++) a[q] = a[q] + gr[q] * rs[2 * q];
+                            } else {
+                                for (int64_t q = 0; q < Wo; q++) a[q] = a[q] + gr[q] * rs[q * sw];
+                            }
                         }
                     }
                 }
             }
         }
-        for (int64_t k = 0; k < T; k++) {
+        for (int64_t t = 0; t < T; t++) {
             float s = 0.0f;
-            for (int64_t q = 0; q < Wo; q++) s = s + acc[k * Wo + q];
-            gw[o * T + k] = s;
+            for (int64_t l = 0; l < lanes; l++) s = s + acc[t * lanes + l];
+            gw[o * T + t] = s;
         }
     }
-    free(acc);
+    free(P);
     return 0;
 }

@@ -83,23 +83,23 @@ int ek_route_prototype(const float *x, const float *fused, const float *cnst,
  * channels per input channel (output channel o reads input channel o / M; O = C * M).
  * x [N, C, H, W], w [O, kh, kw] (OIHW with I = 1), y and gy [N, O, Ho, Wo], gx like x,
  * gw like w. Strides sh, sw; dilations dh, dw; pt, pl the top and left padding (zeros;
- * the bottom and right padding are implied by Ho and Wo). Taps that fall on the padding
- * are skipped (they would add +-0).
- *   forward:      y[n,o,p,q] = sum over taps (i, j), i-major, of w[o,i,j] * x[n, o/M, p*sh-pt+i*dh, q*sw-pl+j*dw]
- *   grad_input:   gx[n,c,h,v] = sum over (i, j, m) in that order of w[o,i,j] * gy[n,o,p,q]
- *                 (o = c*M + m, p*sh-pt+i*dh = h, q*sw-pl+j*dw = v)
- *   grad_weight:  gw[o,i,j] = sum over n, p, q of gy[n,o,p,q] * x[n, o/M, ...]
- * Forward and grad_input add in float32 one product at a time in exactly those orders
- * (the numpy twin's order). grad_weight accumulates per output column q over (n, p),
- * then sums the columns in order; it returns 0, or -1 when its scratch rows (kh*kw*Wo
- * floats) could not be allocated. */
+ * the bottom and right padding are implied by Ho and Wo).
+ *   forward:      y[n,o,p,q] = 0 + sum over the taps (i, j), i-major, of
+ *                 w[o,i,j] * xpad[n, o/M, p*sh + i*dh, q*sw + j*dw]   (padding included)
+ *   grad_input:   gx[n,c,h,v] = 0 + sum over (i, j, m) in that order of w[o,i,j] * gy[n,o,p,q]
+ *                 over the (p, q) whose tap (i, j) read (h, v); o = c*M + m
+ *   grad_weight:  gw[o,i,j] = sum over n, p, q of gy[n,o,p,q] * xpad[...]
+ * Forward and grad_input add one float32 product at a time in exactly those orders, as
+ * the numpy twin does (so they match it byte for byte). grad_weight adds in 8 partial
+ * sums (stride 1) or per output column (other strides), summed at the end. Each returns
+ * 0, or -1 when its scratch (a padded plane and a few rows) could not be allocated. */
 int ek_dwconv_forward(const float *x, const float *w, float *y, int64_t N, int64_t C, int64_t H,
                       int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                       int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho, int64_t Wo);
-void ek_dwconv_grad_input(const float *gy, const float *w, float *gx, int64_t N, int64_t C,
-                          int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
-                          int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
-                          int64_t Wo);
+int ek_dwconv_grad_input(const float *gy, const float *w, float *gx, int64_t N, int64_t C,
+                         int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
+                         int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,
+                         int64_t Wo);
 int ek_dwconv_grad_weight(const float *x, const float *gy, float *gw, int64_t N, int64_t C,
                           int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
                           int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl, int64_t Ho,

@@ -279,8 +279,13 @@ def depthwise_conv2d_grad_input(gy: np.ndarray, w: np.ndarray, x_shape, strides=
     if gy.shape != (n, c * m, ho, wo):
         raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
     out = R._dw_out("out", out, (n, c, h, wd), ("gy", gy), ("w", w))
-    if out.size:
-        lib.ek_dwconv_grad_input(_p(gy, "float[]"), _p(w, "float[]"), _p(out, "float[]"), *_dw_dims(geo))
+    fwd = R.dw_grad_input_as_forward(geo)
+    if fwd is not None:
+        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1])
+        return depthwise_conv2d(gy, flipped, (1, 1), fwd, geo[9:11], out=out)
+    if out.size and lib.ek_dwconv_grad_input(_p(gy, "float[]"), _p(w, "float[]"), _p(out, "float[]"),
+                                             *_dw_dims(geo)):
+        raise MemoryError("depthwise_conv2d_grad_input: no scratch plane for the padded input")
     return out
 
 

@@ -426,6 +426,19 @@ def _dw_pad(x, geo):
     return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
 
 
+def dw_grad_input_as_forward(geo) -> tuple[int, int, int, int] | None:
+    """With one output channel per input channel and stride 1, dL/dx is a forward
+    depthwise convolution of dL/dy, padded by the kernel's reach less the pads, with the
+    kernel flipped: the pads of that forward, or None where it does not apply (a channel
+    multiplier, a stride, a pad beyond the kernel's reach)."""
+    _, _, _, _, m, kh, kw, sh, sw, dh, dw, pt, pl, pb, pr, _, _ = geo
+    if m != 1 or sh != 1 or sw != 1:
+        return None
+    rh, rw = (kh - 1) * dh, (kw - 1) * dw
+    pads = (rh - pt, rw - pl, rh - pb, rw - pr)
+    return pads if min(pads) >= 0 else None
+
+
 def _dw_out(name, out, shape, *inputs):
     out = C.out_array(name, out, shape, np.float32)
     for k, a in inputs:
@@ -458,9 +471,11 @@ def depthwise_conv2d(x: np.ndarray, w: np.ndarray, strides=(1, 1), pads=(0, 0, 0
 
 def depthwise_conv2d_grad_input(gy: np.ndarray, w: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0, 0, 0),
                                 dilations=(1, 1), out: np.ndarray | None = None) -> np.ndarray:
-    """dL/dx of :func:`depthwise_conv2d` from ``gy`` = dL/dy: per input element, the sum
-    over the taps (i, j) and then the channel multiplier m, in that order, one float32
-    product at a time."""
+    """dL/dx of :func:`depthwise_conv2d` from ``gy`` = dL/dy. With no channel multiplier
+    and stride 1 (pads within the kernel's reach) it is :func:`depthwise_conv2d` of ``gy``
+    with the flipped kernel (:func:`dw_grad_input_as_forward`): the taps in reverse order,
+    the padding's products included. Otherwise, per input element, the sum over the taps
+    (i, j) and then the channel multiplier m, in that order, one float32 product at a time."""
     C.f32("gy", gy)
     C.f32("w", w)
     geo = dwconv_args(C.shape_of("x_shape", x_shape), w.shape, strides, pads, dilations)
@@ -470,6 +485,10 @@ def depthwise_conv2d_grad_input(gy: np.ndarray, w: np.ndarray, x_shape, strides=
     if gy.shape != (n, c * m, ho, wo):
         raise ValueError(f"gy has shape {gy.shape}, need {(n, c * m, ho, wo)}")
     out = _dw_out("out", out, (n, c, h, wd), ("gy", gy), ("w", w))
+    fwd = dw_grad_input_as_forward(geo)
+    if fwd is not None:
+        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1])
+        return depthwise_conv2d(gy, flipped, (1, 1), fwd, geo[9:11], out=out)
     gxp = np.zeros((n, c, h + geo[11] + geo[13], wd + geo[12] + geo[14]), np.float32)
     gy5 = gy.reshape(n, c, m, ho, wo)
     w4 = w.reshape(c, m, kh, kw)

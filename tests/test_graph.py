@@ -25,12 +25,25 @@ CASES = [
      [f32(2, 4, 9, 8), f32(6, 4, 3, 2), f32(6)]),
     ("Conv", {"strides": [2, 2], "pads": [0, 0, 1, 1], "group": 6}, [f32(2, 6, 7, 7), f32(6, 1, 3, 3)]),
     ("Conv", {"group": 2, "pads": [1, 1, 1, 1]}, [f32(1, 4, 5, 5), f32(6, 2, 3, 3), f32(6)]),
+    # 1x1 (a matmul on the input as it is; strided / padded: subsampled first)
+    ("Conv", {}, [f32(2, 5, 6, 7), f32(8, 5, 1, 1), f32(8)]),
+    ("Conv", {"strides": [2, 1], "pads": [1, 0, 0, 2]}, [f32(2, 5, 6, 7), f32(8, 5, 1, 1)]),
+    # depthwise (the C kernels): stride 2, asymmetric pads, dilation; channel multiplier 3;
+    # a narrow plane (the kernel's flat path); a rectangular kernel
+    ("Conv", {"strides": [2, 2], "pads": [2, 1, 0, 3], "dilations": [2, 1], "group": 4},
+     [f32(2, 4, 9, 8), f32(4, 1, 3, 3), f32(4)]),
+    ("Conv", {"strides": [1, 2], "pads": [0, 1, 1, 0], "group": 4},
+     [f32(2, 4, 9, 8), f32(12, 1, 3, 3), f32(12)]),
+    ("Conv", {"pads": [1, 1, 1, 1], "group": 5}, [f32(3, 5, 3, 3), f32(5, 1, 3, 3)]),
+    ("Conv", {"strides": [1, 2], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 3},
+     [f32(2, 3, 7, 9), f32(6, 1, 2, 3), f32(6)]),
     ("Linear", {}, [f32(3, 5), f32(4, 5), f32(4)]),
     ("Linear", {}, [f32(2, 3, 5), f32(4, 5)]),
     ("MatMul", {}, [f32(2, 3, 4, 5), f32(2, 3, 5, 6)]),
     ("Add", {}, [f32(2, 3, 4), f32(3, 1)]), ("Sub", {}, [f32(2, 3), f32(3)]),
     ("Mul", {}, [f32(2, 3, 4), f32(1, 3, 1)]), ("Div", {}, [f32(2, 3), np.abs(f32(3)) + 0.5]),
     ("Relu", {}, [f32(2, 7)]), ("Clip", {"min": 0.0, "max": 6.0}, [f32(2, 7) * 5]),
+    ("Clip", {"min": -0.5}, [f32(3, 7)]), ("Clip", {"min": -1.0, "max": 0.25}, [f32(3, 7)]),
     ("HardSwish", {}, [f32(3, 9) * 4]), ("HardSigmoid", {}, [f32(3, 9) * 4]),
     ("Sigmoid", {}, [f32(3, 9) * 4]), ("Tanh", {}, [f32(3, 9)]),
     ("Gelu", {}, [f32(3, 9) * 3]), ("Gelu", {"approximate": "tanh"}, [f32(3, 9) * 3]),
@@ -122,6 +135,51 @@ def test_relu_never_writes_into_the_callers_input():
     keep = x.copy()
     executor.features(g, {}, x)
     assert np.array_equal(x, keep)
+
+
+def test_conv_and_clip_never_write_into_their_inputs():
+    """Every Conv path (1x1, depthwise in C, im2col) and Clip, forward and backward: the
+    inputs (which may be the caller's arrays or read-only weights) keep their bytes, and
+    the results are fresh C-contiguous float32 arrays."""
+    cases = [c for c in CASES if c[0] in ("Conv", "Clip")]
+    for name, attrs, xs in cases:
+        op = get_op(name)
+        a = op.check_attrs(attrs)
+        xs = [x.copy() for x in xs]
+        for x in xs:
+            x.setflags(write=False)
+        ys = op.forward(xs, a)
+        gy = f32(*ys[0].shape)
+        gy.setflags(write=False)
+        gs = op.backward(xs, ys, [gy], a, [True] * len(xs))
+        for v in [*ys, *gs]:
+            assert v.dtype == np.float32 and v.flags.c_contiguous and v.flags.writeable, (name, attrs)
+            assert not any(np.shares_memory(v, x) for x in [*xs, gy]), (name, attrs)
+
+
+def test_depthwise_conv_without_the_native_kernels_gives_the_same_bytes(monkeypatch):
+    """EDGECL_KERNELS=numpy (the kernels' per-tap numpy twins): the forward and the input
+    gradient are the same bytes as the C kernels', the weight gradient the same sums in
+    another order."""
+    import warnings
+
+    cases = [c for c in CASES if c[0] == "Conv" and c[2][1].shape[1] == 1 and c[1].get("group", 1) > 1]
+    assert len(cases) >= 4
+    op = get_op("Conv")
+
+    def run(xs, a):
+        ys = op.forward(xs, a)
+        return ys[0], op.backward(xs, ys, [np.ones_like(ys[0])], a, [True] * len(xs))
+
+    for _, attrs, xs in cases:
+        a = op.check_attrs(attrs)
+        y, g = run(xs, a)
+        with monkeypatch.context() as m, warnings.catch_warnings():
+            m.setenv("EDGECL_KERNELS", "numpy")
+            warnings.simplefilter("ignore", RuntimeWarning)
+            y2, g2 = run(xs, a)
+        assert y.tobytes() == y2.tobytes() and g[0].tobytes() == g2[0].tobytes()
+        np.testing.assert_allclose(g[1], g2[1], rtol=1e-5, atol=1e-5)
 
 
 def test_graph_round_trips_and_format_one_reads_as_graph():

@@ -639,3 +639,124 @@ def test_route_prototype_bad_inputs(impl_name):
     fused[:] = 0
     _same_bytes(route(x, 1.0, 0.0, 0.5)[3], before)
     assert kernels.prepare_route_prototype(fused, const, starts, impl=impl_name).d == 4
+
+
+# ---------------------------------------------------------------- depthwise convolution
+# (x shape, channel multiplier, kernel, strides, pads, dilations): 3x3 at stride 1 and 2
+# (wide and narrow planes: the C kernel's row and flat paths), asymmetric pads, dilation,
+# rectangular kernels, a multiplier > 1, padding wider than the kernel reads, batch 0.
+DW_CASES = [
+    ((2, 3, 12, 20), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 3, 12, 20), 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    ((3, 4, 7, 6), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 5, 3, 3), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 4, 9, 8), 1, (3, 3), (2, 2), (0, 0, 1, 1), (1, 1)),
+    ((2, 4, 9, 8), 1, (3, 3), (2, 1), (2, 1, 0, 3), (2, 1)),
+    ((1, 2, 11, 17), 2, (3, 3), (1, 2), (0, 1, 1, 0), (1, 2)),
+    ((2, 3, 8, 9), 3, (2, 4), (1, 1), (1, 2, 0, 1), (1, 1)),
+    ((2, 2, 13, 10), 1, (5, 5), (3, 1), (2, 2, 2, 2), (1, 1)),
+    ((2, 6, 25, 5), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((1, 3, 1, 1), 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ((1, 2, 4, 4), 2, (3, 3), (2, 2), (3, 0, 3, 4), (1, 1)),
+    ((0, 3, 6, 6), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+]
+
+
+def _dw_case(case, finite=True):
+    xs, m, (kh, kw), strides, pads, dil = case
+    rng = _rng("dw", case)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = (rng.standard_normal((xs[1] * m, 1, kh, kw)) if finite else _weights(rng, (xs[1] * m, 1, kh, kw)))
+    w = np.asarray(w, np.float32)
+    y = ref.depthwise_conv2d(x, w, strides, pads, dil)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    return x, w, gy, dict(strides=strides, pads=pads, dilations=dil)
+
+
+def _dw_torch(x, w, gy, geo):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    pt, pl, pb, pr = geo["pads"]
+    y = F.conv2d(F.pad(xt, (pl, pr, pt, pb)), wt, None, geo["strides"], 0, geo["dilations"], x.shape[1])
+    y.backward(torch.tensor(gy))
+    return y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy()
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=[str(i) for i in range(len(DW_CASES))])
+def test_depthwise_conv_matches_twin_and_torch(nat, case):
+    """Forward and grad-input: byte for byte the twin's (the same float32 additions in the
+    same order); grad-weight: the same sums in another order, so to float32 rounding.
+    All three against PyTorch's conv2d with groups = channels."""
+    x, w, gy, geo = _dw_case(case)
+    y = nat.depthwise_conv2d(x, w, **geo)
+    _same_bytes(y, ref.depthwise_conv2d(x, w, **geo))
+    gx = nat.depthwise_conv2d_grad_input(gy, w, x.shape, **geo)
+    _same_bytes(gx, ref.depthwise_conv2d_grad_input(gy, w, x.shape, **geo))
+    gw = nat.depthwise_conv2d_grad_weight(x, gy, w.shape[2:], **geo)
+    gw_ref = ref.depthwise_conv2d_grad_weight(x, gy, w.shape[2:], **geo)
+    assert gw.shape == gw_ref.shape == w.shape and gw.dtype == np.float32
+    if not x.shape[0]:
+        _same_bytes(gw, np.zeros_like(w))
+        return
+    terms = x.shape[0] * y.shape[2] * y.shape[3]  # products summed per weight
+    np.testing.assert_allclose(gw, gw_ref, rtol=0, atol=1e-6 * terms * np.abs(gy).max() * np.abs(x).max())
+    ty, tgx, tgw = _dw_torch(x, w, gy, geo)
+    np.testing.assert_allclose(y, ty, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, tgx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, tgw, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_forward_bytes_with_special_weights(nat):
+    """Infinities, NaN payloads and -0.0 in the weights: the forward multiplies the padding
+    too (as the twin), so even those give the twin's bytes."""
+    for case in DW_CASES[:6]:
+        x, w, _, geo = _dw_case(case, finite=False)
+        _same_bytes(nat.depthwise_conv2d(x, w, **geo), ref.depthwise_conv2d(x, w, **geo))
+
+
+def test_depthwise_conv_out_buffers_and_readonly_inputs(nat):
+    x, w, gy, geo = _dw_case(DW_CASES[1])
+    for a in (x, w, gy):
+        a.setflags(write=False)
+    for impl in (nat, ref):
+        out = np.full(gy.shape, np.nan, np.float32)
+        assert impl.depthwise_conv2d(x, w, **geo, out=out) is out
+        _same_bytes(out, ref.depthwise_conv2d(x, w, **geo))
+        gx = np.full(x.shape, np.nan, np.float32)
+        assert impl.depthwise_conv2d_grad_input(gy, w, x.shape, **geo, out=gx) is gx
+        gw = np.full(w.shape, np.nan, np.float32)
+        assert impl.depthwise_conv2d_grad_weight(x, gy, (3, 3), **geo, out=gw) is gw
+        assert np.isfinite(gx).all() and np.isfinite(gw).all()
+    assert kernels.depthwise_conv2d(x, w, **geo, impl="numpy").tobytes() == out.tobytes()
+
+
+@pytest.mark.parametrize("impl_name", ["native", "numpy"])
+def test_depthwise_conv_bad_inputs(impl_name):
+    impl = kernels.implementation(impl_name)
+    x = np.ones((2, 3, 6, 6), np.float32)
+    w = np.ones((6, 1, 3, 3), np.float32)
+    gy = np.ones((2, 6, 4, 4), np.float32)
+    buf = np.ones(x.size, np.float32)
+    cases = [
+        (lambda: impl.depthwise_conv2d(x.astype(np.float64), w), "x must have dtype float32"),
+        (lambda: impl.depthwise_conv2d(x.transpose(0, 1, 3, 2), w), "x must be C-contiguous"),
+        (lambda: impl.depthwise_conv2d(x[0], w), "x must be NCHW"),
+        (lambda: impl.depthwise_conv2d(x, np.ones((6, 3, 3, 3), np.float32)), "one input channel"),
+        (lambda: impl.depthwise_conv2d(x, np.ones((4, 1, 3, 3), np.float32)), "not a multiple"),
+        (lambda: impl.depthwise_conv2d(x, w, strides=(0, 1)), "strides must be"),
+        (lambda: impl.depthwise_conv2d(x, w, pads=(1, 1, -1, 1)), "pads must be"),
+        (lambda: impl.depthwise_conv2d(x, w, pads=(1, 1)), "pads must be"),
+        (lambda: impl.depthwise_conv2d(x, w, dilations=(4, 4)), "too small"),
+        (lambda: impl.depthwise_conv2d(x, w, out=np.empty((2, 6, 4, 5), np.float32)), "out has shape"),
+        (lambda: impl.depthwise_conv2d(x, w, out=x.reshape(2, 6, 3, 6)[:, :, :, :4]), "out must be"),
+        (lambda: impl.depthwise_conv2d_grad_input(gy[:1], w, x.shape), "gy has shape"),
+        (lambda: impl.depthwise_conv2d_grad_input(buf[:192].reshape(gy.shape), w, x.shape,
+                                                  out=buf.reshape(x.shape)),
+         "gy and out must not share memory"),
+        (lambda: impl.depthwise_conv2d_grad_weight(x, gy, (3,)), "kernel_shape must be"),
+        (lambda: impl.depthwise_conv2d_grad_weight(x, gy[:1], (3, 3)), "gy has shape"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()

@@ -236,6 +236,102 @@ def test_training_step_gradients_match_torch_with_a_frozen_prefix(kind):
     assert len(set(tape.values) & upstream) < len(upstream)  # the prefix's values were freed
 
 
+def _cache_run(graph, backbone, method, k, prefix_cache, n=37, bs=8, epochs=2):
+    """A learning run of ``epochs`` on random data (a ragged last batch), then two steps on
+    batches drawn with replacement; returns the problem and the state's arrays."""
+    from edgecl.runtime.learn import trainer
+    from edgecl.runtime.masks import pack_bits
+
+    rng = np.random.default_rng(7)
+    x, y = rng.random((n, *graph.input_shape), dtype=np.float32), rng.integers(0, 3, n)
+    old = [{f"mask.{s.node}": pack_bits(rng.random(int(np.prod(s.shape))) < 0.3) for s in graph.mask_sites()}]
+    hp = dict(trainer.DEFAULTS[method], epochs=epochs, retrain_epochs=1)
+    p = trainer.Problem(graph, backbone, old if method == "packnet" else [], x, y, 3, method, hp, bs, 0,
+                        train_last=k, prefix_cache=prefix_cache)
+    s = p.initial()
+    trainer.run(p, s, trainer.numpy_step, out_of_energy=lambda: False)
+    for _ in range(2):
+        trainer.numpy_step(p, s, rng.integers(0, n, bs))
+    return p, s.arrays
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mobile", "transformer"])
+@pytest.mark.parametrize("method", ["supsup", "packnet"])
+def test_prefix_cache_takes_the_same_steps_byte_for_byte(kind, method):
+    """With the sites before the last K frozen, the values where the trained part starts
+    are computed once per sample and every step starts there: every array of the state
+    (scores or weights, head, Adam moments) ends the same bytes as when each step runs
+    the whole forward, over epochs, a ragged last batch and batches with repeats."""
+    graph = _graph(kind)
+    backbone = _params(graph, 5)
+    for k in (1, 2):
+        p, cached = _cache_run(graph, backbone, method, k, True)
+        q, plain = _cache_run(graph, backbone, method, k, False)
+        c = T.cut(graph, p.wanted)
+        assert c.cached(graph) and p._starts.keys() == set(c.cached(graph)) and not q._starts
+        assert {v: a.shape[0] for v, a in p._starts.items()} == {v: 37 for v in c.cached(graph)}
+        assert cached.keys() == plain.keys()
+        for key in cached:
+            assert cached[key].tobytes() == plain[key].tobytes(), (kind, method, k, key)
+
+
+def test_prefix_cache_step_is_the_uncached_gradient():
+    """One step's math from the cached start values (``grads(..., start=)``) against the
+    whole forward (``grads(x)``): loss, every gradient, byte for byte; the suffix's tape
+    holds what the whole forward's tape keeps."""
+    graph = _mobile_graph()
+    params = _params(graph, 2)
+    rng = np.random.default_rng(3)
+    x, y = rng.random((6, *graph.input_shape), dtype=np.float32), np.array([0, 1, 2, 1, 0, 2])
+    head = (rng.standard_normal((3, graph.feature_dim)).astype(np.float32), np.zeros(3, np.float32))
+    wanted = {s.weight for s in graph.mask_sites()[-2:]}
+    c = T.cut(graph, wanted)
+    assert c.starts == ("r2",) and [n.name for n in c.prefix] == ["conv1", "relu6", "dw", "bn", "relu"]
+    start = T.prefix_values(graph, params, x, wanted)
+    want = T.grads(graph, params, head, x, y, wanted)
+    got = T.grads(graph, params, head, None, y, wanted, start=start)
+    assert got[0] == want[0] and got[1].keys() == want[1].keys()
+    for a, b in zip([*got[1].values(), *got[2:]], [*want[1].values(), *want[2:]], strict=True):
+        assert a.tobytes() == b.tobytes()
+    _, tape = T.suffix_forward(graph, params, start, wanted)
+    assert set(tape.values) == T.kept_values(graph, wanted) | {graph.features}
+
+
+def test_prefix_cache_with_a_dense_layer_in_the_prefix_is_deterministic():
+    """A Linear on [batch, features] is one BLAS GEMM per batch, whose rounding of a row may
+    depend on the batch's size: the cache (filled in sample order, a batch at a time) is a
+    function of the samples, so cached runs repeat exactly and stay within float32 noise of
+    the uncached run."""
+    graph = _graph("mlp")
+    backbone = _params(graph, 5)
+    _, a = _cache_run(graph, backbone, "supsup", 1, True)
+    _, b = _cache_run(graph, backbone, "supsup", 1, True)
+    _, c = _cache_run(graph, backbone, "supsup", 1, False)
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes(), key
+        np.testing.assert_allclose(a[key], c[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_planner_counts_the_prefix_cache_and_drops_it_when_it_does_not_fit():
+    graph = _mobile_graph()
+    sites = graph.mask_sites()
+    kw = dict(graph=graph, mode="supsup", n_tasks=2, n_classes=3, n_samples=500,
+              trainable_layers=[s.node for s in sites[-2:]])
+    per_sample = 4 * int(np.prod(graph.shapes(1)["r2"][1:]))
+    assert planner.prefix_cache_bytes(graph, {s.weight for s in sites[-2:]}, 500) == 500 * per_sample
+    assert planner.prefix_cache_bytes(graph, {s.weight for s in sites}, 500) == 0  # starts at the input
+    plain = planner.plan(batch_size=16, **kw)
+    cached = planner.plan(batch_size=16, prefix_cache=True, **kw)
+    assert plain.cache == 0 and cached.cache == 500 * per_sample
+    assert cached.total == plain.total + cached.cache and cached.as_dict()["cache"] == cached.cache
+    roomy, _ = planner.choose(cached.total, 16, prefix_cache=True, **kw)
+    assert roomy == cached
+    tight, _ = planner.choose(cached.total - 1, 16, prefix_cache=True, **kw)
+    assert tight == plain  # same batch, no cache: the learner recomputes the prefix
+    assert planner.choose(None, 16, prefix_cache=True, **kw)[0] == cached
+    assert planner.choose(None, 16, **kw)[0] == plain
+
+
 # ------------------------------------------------------------------ Split-Digits task 5
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["supsup", "packnet"])
@@ -671,6 +767,7 @@ def test_learning_the_last_sites_of_a_graph_forgets_nothing(method, tmp_path):
               quiet=True, routers=False, step_backend="numpy")
     sites = graph.mask_sites()
     assert r["status"] == "committed" and r["trained_sites"] == [s.node for s in sites[-2:]]
+    assert r["prefix_cache"] and r["plan"]["cache"] == 64 * 4 * int(np.prod(graph.shapes(1)["r2"][1:]))
     after = Bundle.open(root)
     rt = Runtime(after)
     assert {t: rt.logits(probe, t).tobytes() for t in before.task_names} == old

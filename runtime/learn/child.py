@@ -67,7 +67,7 @@ def main(job_dir: Path) -> int:
         source = bundle.task_tensors(job["source_task"]) if job["method"] == "head" else None
         prob = trainer.Problem(bundle.graph, bundle.backbone, old, x, y, job["n_classes"], job["method"],
                                job["hp"], job["batch_size"], job["seed"], source,
-                               train_last=job.get("train_last"))
+                               train_last=job.get("train_last"), prefix_cache=bool(job.get("prefix_cache")))
         backend, step = trainer.select_step(bundle, job.get("step_backend", "auto"))
         ckpt = Path(job["checkpoint"])
         if job["resume"]:

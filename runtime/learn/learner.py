@@ -6,7 +6,8 @@
 1. Read the samples (``x``, ``y`` global labels; ``classes`` = sorted unique ``y``) and
    hold out a seeded split for the report's accuracy.
 2. Plan the RAM (:mod:`.planner`): pick the largest batch <= ``batch_size`` that fits
-   ``ram_mb``, or refuse with the minimum.
+   ``ram_mb``, or refuse with the minimum; keep the frozen prefix's output per sample
+   (the prefix cache) when that still fits.
 3. Compute every old task's logits on canary inputs through the runtime.
 4. Learn in a child process with ``RLIMIT_AS`` = baseline of a bare child + budget
    (:mod:`.child`); it draws on the energy budget and checkpoints when it is spent.
@@ -60,6 +61,12 @@ class ForgettingError(LearnError):
 def _child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB glibc arenas in the address space
+    # Arrays below 32 MiB from the heap, and up to 64 MiB of freed heap kept rather than
+    # returned to the kernel: every step allocates its activations afresh, and with glibc's
+    # defaults each one is a new mapping whose pages fault in again (about half of a
+    # DS-CNN step). The peak (RSS and address space) is the step's own either way.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
     # One BLAS thread: the layers are small (threads cost more than they give, and spin
     # against other work on a busy device); also a smaller, steadier baseline address space.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -217,7 +224,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
               n_samples=len(x_all), trainable_layers=trainable, backbone_bytes=bb_bytes)
     budget = None if ram_mb is None else int(ram_mb * MiB)
     try:
-        chosen, minimum = planner.choose(budget, batch_size, **kw)
+        chosen, minimum = planner.choose(budget, batch_size, prefix_cache=True, **kw)
     except ValueError as e:
         need = int(e.args[0])
         raise RamBudgetError(f"RAM budget {ram_mb:g} MiB is below the minimum this learning needs: "
@@ -228,6 +235,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
         raise RamBudgetError(f"the checkpoint's batch size {batch_size} needs {need / MiB:.2f} MiB; "
                              f"the budget {ram_mb:g} MiB fits only {chosen.batch_size}")
     fingerprint["batch_size"] = chosen.batch_size
+    prefix_cache = chosen.cache > 0  # the frozen prefix once per sample, when the budget has room
 
     # -- canaries through the runtime, before ---------------------------------------
     canaries = canary_inputs(shape, x_all)
@@ -242,7 +250,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                     "ram_budget_bytes": budget, "baseline_address_space": base_as,
                     "address_space_limit": limit, "n_train": len(x), "n_holdout": len(te),
                     "energy_budget_j": energy_j, "resumed": bool(resume), "train_last": train_last,
-                    "mask_sites": n_sites}
+                    "mask_sites": n_sites, "prefix_cache": prefix_cache}
     with tempfile.TemporaryDirectory(prefix="edgecl-learn-") as tmp:
         job_dir = Path(tmp)
         np.savez(job_dir / "samples.npz", x=x, y=y)
@@ -251,7 +259,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                "source_task": src, "checkpoint": str(ckpt.resolve()), "resume": bool(resume),
                "meter": meter, "meter_root": meter_root, "energy_j": energy_j, "quiet": quiet,
                "step_backend": step_backend, "fingerprint": fingerprint, "debug_alloc_mb": debug_alloc_mb,
-               "train_last": train_last}
+               "train_last": train_last, "prefix_cache": prefix_cache}
         (job_dir / "job.json").write_text(json.dumps(job))
 
         def limit_as() -> None:

@@ -19,6 +19,8 @@ sites (supsup: every site, or the last K; packnet: those with a free weight; hea
     activations = :func:`activation_bytes` (below) + 4 * B * (2*C + F) (logits, their
                   gradient, the features' gradient)
     data        = itemsize * N * prod(input_shape) + 8 * N   (+ head mode: 4 * N * F features)
+    cache       = with the prefix cache: N * the bytes of one sample's values where the
+                  trained part starts (:func:`prefix_cache_bytes`); else 0
     slack       = 8 MiB                            (Python objects, temporaries)
 
 Activations are simulated over the graph at batch ``B``: the forward keeps every value
@@ -32,7 +34,13 @@ for any Conv, grouped or depthwise; a Linear's input size), and a node with a
 ``kernel_shape`` attribute on ``out * prod(kernel_shape)``; twice that (the windows and
 their gradient), plus its inputs' gradients. The peak over forward and backward counts.
 
-The minimum is the plan at B = 1. The child's address-space limit is the baseline of a
+An op whose numpy code says what it holds (``working_set``: the Conv, e.g. nothing for a
+depthwise conv, which runs in the C kernels, nor for the forward of a plain 1x1 conv,
+which multiplies the input as it is) counts that instead of the window rule.
+
+The minimum is the plan at B = 1. The batch is chosen without the prefix cache (so a
+budget never changes the batch for it); the cache is then used when the plan with it
+still fits (:func:`choose` says which). The child's address-space limit is the baseline of a
 bare child (measured: the interpreter, numpy, OpenBLAS' threads, the kernels) plus the
 budget; see :mod:`edgecl.runtime.learn.child`.
 """
@@ -45,7 +53,7 @@ from dataclasses import asdict, dataclass
 
 from ..graph import Graph, from_model
 from ..ops import get_op
-from .train_numpy import backward_nodes, kept_values
+from .train_numpy import backward_nodes, cut, kept_values
 
 MiB = 1 << 20
 SLACK = 8 * MiB
@@ -62,11 +70,12 @@ class Plan:
     activations: int
     data: int
     slack: int
+    cache: int = 0
 
     @property
     def total(self) -> int:
         return (self.weights + self.trainable + self.gradients + self.optimizer + self.head
-                + self.activations + self.data + self.slack)
+                + self.activations + self.data + self.slack + self.cache)
 
     def as_dict(self) -> dict:
         return dict(asdict(self), total=self.total)
@@ -102,6 +111,18 @@ def _temporaries(graph: Graph, node, shapes: Mapping[str, tuple[int, ...]], size
             + sum(size(v) for v in node.outputs))
 
 
+def _working(graph: Graph, node, shapes: Mapping[str, tuple[int, ...]], size) -> tuple[int, int]:
+    """Bytes of a node's temporaries in the forward and in the backward: what the op says
+    (``op.working_set``, elements), else the window rule (the backward holds the windows
+    twice)."""
+    own = getattr(get_op(node.op), "working_set", None)
+    if own is not None:
+        f, b = own([shapes[v] for v in node.inputs], node.attrs)
+        return 4 * int(f), 4 * int(b)
+    t = _temporaries(graph, node, shapes, size)
+    return t, 4 * _workspace(graph, node, shapes) + t
+
+
 def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
     """Peak bytes of values, value gradients and op working sets of one forward (keeping
     what the backward for ``wanted`` reads) and that backward, at ``batch``."""
@@ -121,7 +142,7 @@ def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] 
     peak = 0
     for i, n in enumerate(nodes):
         alive |= set(n.outputs)
-        peak = max(peak, sum(size(v) for v in alive) + _temporaries(graph, n, shapes, size))
+        peak = max(peak, sum(size(v) for v in alive) + _working(graph, n, shapes, size)[0])
         alive -= {v for v in n.inputs if last.get(v) == i and v not in keep}
     held = sum(size(v) for v in alive)
     # backward: the tape stays; a value's gradient lives from its first consumer's
@@ -133,17 +154,29 @@ def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] 
     grads = {graph.features}
     for n in reversed(backward_nodes(graph, wanted)):
         g_in = {v for v in n.inputs if v in live and v not in params}
-        work = 4 * _workspace(graph, n, shapes) + _temporaries(graph, n, shapes, size)
+        work = _working(graph, n, shapes, size)[1]
         peak = max(peak, held + sum(size(v) for v in grads | g_in) + work)
         grads = (grads - set(n.outputs)) | g_in
     return peak
 
 
+def prefix_cache_bytes(graph: Graph, wanted: Sequence[str] | set[str], n_samples: int) -> int:
+    """Bytes of the learner's prefix cache: every sample's values where the trained part
+    starts (:meth:`edgecl.runtime.learn.train_numpy.Cut.cached`); 0 when the trained part
+    starts at the input (or nothing is trained)."""
+    if not wanted:
+        return 0
+    shapes = graph.shapes(1)
+    names = cut(graph, wanted).cached(graph)
+    return n_samples * sum(math.prod(shapes[v]) * _itemsize(graph, v) for v in names)
+
+
 def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_samples: int,
          batch_size: int, trainable_layers: Sequence[str] | None = None,
-         backbone_bytes: int = 0) -> Plan:
+         backbone_bytes: int = 0, prefix_cache: bool = False) -> Plan:
     """The bytes of a learning run. ``trainable_layers``: the trained mask sites by node
-    name (default: every site; head mode: none)."""
+    name (default: every site; head mode: none). ``prefix_cache``: count the learner's
+    cache of the values where the trained part starts (:func:`prefix_cache_bytes`)."""
     graph = graph if isinstance(graph, Graph) else from_model(graph)
     sites = graph.mask_sites()
     counts = {s.node: math.prod(s.shape) for s in sites}
@@ -165,34 +198,48 @@ def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_s
     weights = backbone_bytes + 4 * n_t + (n_w // 8 + len(counts)) * (n_tasks + 2)
     if mode == "packnet":
         weights += 4 * (n_w - n_t) + backbone_bytes
+    cache = 0
     if mode == "head":
         acts = activation_bytes(graph, b) + 4 * b * 2 * n_classes
         data = n_samples * (in_size + 4 * feat) + 8 * n_samples
     else:
-        acts = activation_bytes(graph, b, {weight_of[n] for n in t_sites}) + 4 * b * (2 * n_classes + feat)
+        wanted = {weight_of[n] for n in t_sites}
+        acts = activation_bytes(graph, b, wanted) + 4 * b * (2 * n_classes + feat)
         data = n_samples * in_size + 8 * n_samples
+        if prefix_cache:
+            cache = prefix_cache_bytes(graph, wanted, n_samples)
     return Plan(
         batch_size=b, weights=weights,
         trainable=4 * n_t if mode == "supsup" else 0,
         gradients=(8 if mode == "supsup" else 4) * n_t, optimizer=8 * n_t,
         head=16 * (n_classes * feat + n_classes),
-        activations=acts, data=data, slack=SLACK)
+        activations=acts, data=data, slack=SLACK, cache=cache)
 
 
-def choose(budget_bytes: int | None, preferred_batch: int, **kw) -> tuple[Plan, Plan]:
+def choose(budget_bytes: int | None, preferred_batch: int, *, prefix_cache: bool = False,
+           **kw) -> tuple[Plan, Plan]:
     """(the plan for the largest batch <= preferred that fits, the minimum plan).
 
-    Raises ``ValueError`` with the minimum when even a batch of 1 does not fit."""
+    The batch is chosen without the prefix cache; with ``prefix_cache`` the returned plan
+    then counts the cache if it still fits the budget at that batch (its ``cache`` is 0 when
+    it does not: the learner then recomputes the prefix every step). Raises
+    ``ValueError`` with the minimum when even a batch of 1 does not fit."""
     minimum = plan(batch_size=1, **kw)
     if budget_bytes is None:
-        return plan(batch_size=preferred_batch, **kw), minimum
-    if minimum.total > budget_bytes:
-        raise ValueError(minimum.total)
-    lo, hi = 1, max(1, int(preferred_batch))
-    while lo < hi:  # the total grows with the batch: the largest that fits
-        mid = (lo + hi + 1) // 2
-        if plan(batch_size=mid, **kw).total <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return plan(batch_size=lo, **kw), minimum
+        lo = max(1, int(preferred_batch))
+    else:
+        if minimum.total > budget_bytes:
+            raise ValueError(minimum.total)
+        lo, hi = 1, max(1, int(preferred_batch))
+        while lo < hi:  # the total grows with the batch: the largest that fits
+            mid = (lo + hi + 1) // 2
+            if plan(batch_size=mid, **kw).total <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+    chosen = plan(batch_size=lo, **kw)
+    if prefix_cache:
+        cached = plan(batch_size=lo, prefix_cache=True, **kw)
+        if budget_bytes is None or cached.total <= budget_bytes:
+            chosen = cached
+    return chosen, minimum

@@ -157,12 +157,19 @@ class Problem:
     head none — or, with ``train_last=K``, only those among the last ``K`` sites. Sites
     before them are frozen: the forward runs through them, the backward never does; their
     mask in the new task is all ones for supsup (the dense backbone weights) and the union
-    of the old tasks' masks for packnet (their free weights stay free and unchanged)."""
+    of the old tasks' masks for packnet (their free weights stay free and unchanged).
+
+    ``prefix_cache`` (numpy step, sites before the trained ones frozen): the values where
+    the trained part starts (:func:`.train_numpy.cut`) are computed once per sample, at
+    the first step, and kept (:meth:`start_values`); every step then runs only the
+    trained part. The learner turns it off when the RAM plan has no room for it
+    (:func:`.planner.prefix_cache_bytes`). The steps are the same bytes either way, unless
+    the prefix holds a ``Linear`` on ``[batch, features]`` (see :mod:`.train_numpy`)."""
 
     def __init__(self, graph: Graph | Mapping, backbone: Mapping[str, np.ndarray], old_masks: list[dict],
                  x: np.ndarray, y: np.ndarray, n_classes: int, method: str, hp: dict,
                  batch_size: int, seed: int, source: dict[str, np.ndarray] | None = None,
-                 train_last: int | None = None) -> None:
+                 train_last: int | None = None, prefix_cache: bool = True) -> None:
         self.graph = _as_graph(graph)
         self.sites = self.graph.mask_sites()
         self.site = {s.node: s for s in self.sites}
@@ -195,6 +202,8 @@ class Problem:
         # step caches (not state: a resumed run rebuilds them and takes the same steps)
         self.topk: dict[str, TopK] = {}
         self.buffers: dict[tuple[str, str], np.ndarray] = {}
+        self.prefix_cache = bool(prefix_cache)
+        self._starts: dict[str, np.ndarray] = {}  # start value -> [N, ...] (filled at once)
 
     # -- state ---------------------------------------------------------------
     def initial(self) -> State:
@@ -278,6 +287,32 @@ class Problem:
                 out[i : i + self.bs] = executor.features(self.graph, params, self.x[i : i + self.bs])
             self._features = out
         return self._features
+
+    def start_values(self, idx: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The batch ``idx``'s values where the trained part starts (every name of
+        ``train_numpy.cut(graph, wanted).starts``), from the per-sample cache, which the
+        first call fills: the frozen prefix over every sample once, a batch at a time in
+        sample order (as :meth:`features`), so the cache is a function of the samples
+        and the batch size only and a resumed run finds the same values. None when the
+        cache is off or there is nothing to cache (the trained part starts at the input)."""
+        if not self.prefix_cache or not self.wanted:
+            return None
+        c = T.cut(self.graph, self.wanted)
+        names = c.cached(self.graph)
+        if not names:
+            return None
+        if not self._starts:
+            params = self.frozen_params()
+            for i in range(0, len(self.x), self.bs):
+                vals = T.prefix_values(self.graph, params, self.x[i : i + self.bs], self.wanted)
+                for v in names:
+                    if v not in self._starts:
+                        self._starts[v] = np.empty((len(self.x), *vals[v].shape[1:]), dtype=vals[v].dtype)
+                    self._starts[v][i : i + self.bs] = vals[v]
+        out = {v: self._starts[v][idx] for v in names}
+        if self.graph.input.name in c.starts:
+            out[self.graph.input.name] = self.x[idx]
+        return out
 
     # -- the result --------------------------------------------------------------
     def result(self, state: State) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -395,14 +430,17 @@ def _head_step(p: Problem, s: State, idx: np.ndarray) -> float:
     return loss
 
 
-def _numpy_grads(p: Problem, params: dict, head: tuple, x: np.ndarray, y: np.ndarray):
-    return T.grads(p.graph, params, head, x, y, p.wanted)
+def _numpy_grads(p: Problem, params: dict, head: tuple, x: np.ndarray | None, y: np.ndarray,
+                 start: dict[str, np.ndarray] | None = None):
+    return T.grads(p.graph, params, head, x, y, p.wanted, start=start)
 
 
-def _masked_step(grads_fn) -> Step:
+def _masked_step(grads_fn, *, prefix_cache: bool = False) -> Step:
     """A step: gradients from ``grads_fn(p, params, head, x, y) -> (loss, {trained weight
     parameter: dL/dW_eff}, dL/dhead.weight, dL/dhead.bias)``, then the masked updates.
-    The state changes only once the gradients are there (a failed call leaves it as it was)."""
+    The state changes only once the gradients are there (a failed call leaves it as it was).
+    ``prefix_cache``: ``grads_fn`` also takes ``start=`` (:meth:`Problem.start_values`) and
+    gets it, with ``x=None``, whenever the problem has cached start values."""
 
     def step(p: Problem, s: State, idx: np.ndarray, _unused: np.ndarray | None = None) -> float:
         if p.method == "head":  # no backbone gradient: always numpy
@@ -410,7 +448,11 @@ def _masked_step(grads_fn) -> Step:
             return _head_step(p, s, idx)
         params = _step_params(p, s)
         head = (s.arrays["head.weight"], s.arrays["head.bias"])
-        loss, gw, ghw, ghb = grads_fn(p, params, head, p.x[idx], p.y[idx])
+        start = p.start_values(idx) if prefix_cache else None
+        if start is not None:
+            loss, gw, ghw, ghb = grads_fn(p, params, head, None, p.y[idx], start=start)
+        else:
+            loss, gw, ghw, ghb = grads_fn(p, params, head, p.x[idx], p.y[idx])
         s.pos["adam"] += 1
         _apply(p, s, gw, ghw, ghb)
         return loss
@@ -418,7 +460,7 @@ def _masked_step(grads_fn) -> Step:
     return step
 
 
-numpy_step = _masked_step(_numpy_grads)
+numpy_step = _masked_step(_numpy_grads, prefix_cache=True)
 numpy_step.__doc__ = "One masked update on the samples ``idx`` (numpy gradients); returns the loss."
 
 

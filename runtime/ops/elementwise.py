@@ -131,12 +131,10 @@ class Clip(_Unary):
 
     def forward(self, xs, a):
         # One fresh output, never the input (it may be the caller's array or another
-        # node's input); maximum/minimum propagate NaN as np.clip does.
+        # node's input). np.clip with bounds of the input's dtype: numpy's SIMD clip loop
+        # (about 3x np.maximum then np.minimum in place, numpy 2.2-2.4).
         x = xs[0]
-        lo, hi = x.dtype.type(a["min"]), x.dtype.type(a["max"])
-        y = np.maximum(lo, x)  # (lo, x): a -0.0 input stays -0.0, as np.clip keeps it
-        np.minimum(y, hi, out=y)
-        return [y]
+        return [np.clip(x, x.dtype.type(a["min"]), x.dtype.type(a["max"]))]
 
     def backward(self, xs, ys, gys, a, need):
         # the gradient passes where min < x < max: a 0/1 mask, multiplied in place

@@ -141,19 +141,28 @@ class Conv(Op):
             raise OpError(f"Conv: bias of shape {shapes[2]}, need ({w[0]},)")
         return [(x[0], w[0], ho, wo)]
 
-    def workspace(self, shapes: Sequence[Shape], a: dict) -> int:
-        """Elements of the temporaries the numpy forward holds besides its inputs and
-        output (the backward holds about twice that): the im2col columns, or a 1x1 conv's
-        subsampled input; none for depthwise (the C kernels) or a plain 1x1 conv."""
+    def working_set(self, shapes: Sequence[Shape], a: dict) -> tuple[int, int]:
+        """Elements the numpy forward and backward hold besides the node's inputs, output
+        and gradients (for the RAM planner): a padded copy of the input, the im2col
+        columns (and their gradient), a 1x1 conv's subsampled input, tensordot's
+        transposed copies; nothing for a depthwise conv (the C kernels) or the forward of
+        a plain 1x1 conv."""
         x, w = shapes[0], shapes[1]
         g, ho, wo, cg = conv_geometry(x, w, a)
+        n, c = x[0], x[1]
+        pt, pl, pb, pr = a["pads"]
+        xin, yout = n * c * x[2] * x[3], n * w[0] * ho * wo
+        padded = n * c * (x[2] + pt + pb) * (x[3] + pl + pr) if any(a["pads"]) else 0
         kind = conv_kind(x, w, a)
         if kind == "depthwise":
-            return 0
+            return 0, 0
         if kind == "pointwise":
-            plain = not any(a["pads"]) and list(a["strides"]) == [1, 1]
-            return 0 if plain else x[0] * x[1] * ho * wo
-        return x[0] * x[1] * w[2] * w[3] * ho * wo
+            if not any(a["pads"]) and list(a["strides"]) == [1, 1]:
+                return 0, (xin + yout if ho * wo < 128 else 0)
+            sub = n * c * ho * wo
+            return padded + sub, padded + 2 * sub + max(padded, xin)
+        cols = n * c * w[2] * w[3] * ho * wo
+        return padded + cols, padded + 2 * cols + max(padded, xin)
 
     def forward(self, xs, a):
         x, w = xs[0], xs[1]
@@ -198,7 +207,14 @@ class Conv(Op):
             gy3 = gy.reshape(n, o, ho * wo)
             if need[1]:
                 x3 = xs1.reshape(n, xs1.shape[1], ho * wo)
-                gw = np.tensordot(gy3, x3, axes=([0, 2], [0, 2]))
+                if ho * wo >= 128:  # big planes: a GEMM per sample, no transposed copies
+                    gw = np.zeros((o, x3.shape[1]), np.result_type(gy3, x3))
+                    part = np.empty_like(gw)
+                    for s in range(n):
+                        np.matmul(gy3[s], x3[s].T, out=part)
+                        gw += part
+                else:  # small planes: one GEMM over the batch (tensordot's transposed copies are small)
+                    gw = np.tensordot(gy3, x3, axes=([0, 2], [0, 2]))
                 out[1] = gw.reshape(w.shape).astype(w.dtype, copy=False)
             if need[0]:
                 gx = np.matmul(w.reshape(o, -1).T, gy3).reshape(xs1.shape)
