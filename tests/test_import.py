@@ -24,13 +24,6 @@ SMALL = ["ds-cnn", "resnet8", "mobilenet-v1-0.25", "fc-autoencoder"]
 BIG = ["mobilenet-v2", "efficientnet-lite0", "minilm"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_features(name: str, module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """The original module's features: the classifier's input, the encoder's output, or

@@ -15,14 +15,6 @@ from edgecl.models.training import load_run, train
 from edgecl.runtime import Session
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", ["ds-cnn", "resnet8"])
 def test_every_backend_matches_the_pytorch_module(name, tmp_path):
     from edgecl.compiler import tflite_export

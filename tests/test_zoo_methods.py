@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from edgecl.compiler.from_run import bundle_run
 from edgecl.models.data import load_spec
@@ -19,13 +18,6 @@ BIG = ["mobilenet-v2", "efficientnet-lite0", "minilm"]
 QUICK = {"supsup": {"epochs": 1, "batch_size": 32},
          "packnet": {"epochs": 1, "retrain_epochs": 1, "batch_size": 32}}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # The big models at a reduced input size (the same architecture and weights; the bytes

@@ -234,18 +234,11 @@ def router_main(spec: dict, inputs: dict) -> None:
 
 
 def peak_rss() -> int:
-    """This process' peak RSS: ``VmHWM`` (ru_maxrss carries the parent's over fork + exec on
+    """This process' peak RSS (``VmHWM``: ru_maxrss carries the parent's over fork + exec on
     Linux, so a child of a big parent would report the parent's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+    from edgecl.runtime.learn.progress import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def child_main(spec: dict, t0: float) -> None:
