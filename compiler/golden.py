@@ -31,7 +31,7 @@ DEFAULT_INPUTS = 16
 
 def bundle_canaries(bundle: Bundle, n: int = DEFAULT_INPUTS, seed: int = 0) -> np.ndarray:
     """Canary inputs fit for the bundle's model (token ids within its embedding table)."""
-    from edgecl.runtime.routers.view import canary
+    from edgecl.runtime.samples import canary
 
     return canary(bundle, n, seed)
 

@@ -109,16 +109,15 @@ def train(data: str, method: str, out: str | Path, *, n_tasks: int | None = None
     if method not in METHODS:
         raise RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     out = Path(out)
-    if graph is not None and (out / "run.json").exists():
-        graph = None  # continuing: the run holds its graph
-    stream: Stream = load_stream(data, seed=seed, n_tasks=n_tasks,
-                                 fit=None if graph is None else (graph.input_shape, graph.input.dtype))
-    if (out / "run.json").exists():
-        fit = load_run(out).config["stream"].get("fit")
-        if fit:
-            stream = load_stream(data, seed=seed, n_tasks=n_tasks, fit=(tuple(fit["shape"]), fit["dtype"]))
-    if (out / "run.json").exists():
-        run = load_run(out)
+    existing = load_run(out) if (out / "run.json").exists() else None
+    if existing is not None:  # continuing: the run holds its graph and how its data was fitted
+        fit = existing.config["stream"].get("fit")
+        fit = (tuple(fit["shape"]), fit["dtype"]) if fit else None
+    else:
+        fit = None if graph is None else (graph.input_shape, graph.input.dtype)
+    stream: Stream = load_stream(data, seed=seed, n_tasks=n_tasks, fit=fit)
+    if existing is not None:
+        run = existing
         want = {"method": method, "arch": arch, "seed": seed, "stream": stream.spec}
         have = {k: run.config[k] for k in want}
         if want != have:

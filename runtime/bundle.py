@@ -54,9 +54,15 @@ class Bundle:
         return bundle
 
     # -- integrity ---------------------------------------------------------------
-    def verify(self) -> None:
-        """Check every file the manifest lists: present, right size, right sha256."""
+    def verify(self, known: dict[str, str] | None = None) -> None:
+        """Check every file the manifest lists: present, right size, right sha256.
+
+        ``known`` (file -> sha256 already checked) skips those files and gains the ones
+        checked now: files are content-addressed and immutable, so a session reopening a
+        new version checks only its new files."""
         for rel, info in sorted(self.manifest["files"].items()):
+            if known is not None and known.get(rel) == info["sha256"]:
+                continue
             p = self.root / rel
             if not p.is_file():
                 raise BundleError(p, "missing file listed in the manifest")
@@ -66,6 +72,8 @@ class Bundle:
             digest = sha256_file(p)
             if digest != info["sha256"]:
                 raise BundleError(p, "sha256 mismatch: the file was modified or is corrupt")
+            if known is not None:
+                known[rel] = info["sha256"]
 
     # -- contents ----------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ import numpy as np
 
 from .backends import BACKENDS, BackendUnavailable, backend_class
 from .bundle import Bundle
-from .bundle_format import MANIFEST, sha256_file
+from .bundle_format import MANIFEST
 from .errors import BundleError, InputError
 from .routers import UNKNOWN
 from .routers.store import load_router
@@ -80,22 +80,9 @@ class Session:
         self._open()
 
     # -- loading -------------------------------------------------------------------
-    def _verify(self, bundle: Bundle) -> None:
-        for rel, info in sorted(bundle.manifest["files"].items()):
-            if self._verified.get(rel) == info["sha256"]:
-                continue
-            p = bundle.root / rel
-            if not p.is_file():
-                raise BundleError(p, "missing file listed in the manifest")
-            if p.stat().st_size != info["bytes"]:
-                raise BundleError(p, f"size {p.stat().st_size} bytes, the manifest says {info['bytes']}")
-            if sha256_file(p) != info["sha256"]:
-                raise BundleError(p, "sha256 mismatch: the file was modified or is corrupt")
-            self._verified[rel] = info["sha256"]
-
     def _open(self) -> None:
         bundle = Bundle.open(self.path, verify=False)
-        self._verify(bundle)
+        bundle.verify(self._verified)
         self.bundle = bundle
         self.skipped = {}
         self.timings: dict[str, float] = {}
@@ -214,7 +201,7 @@ def _batch1_seconds(backend, runs: int = 5) -> float:
 
     if not backend.bundle.tasks:
         return 0.0
-    from .routers.view import canary
+    from .samples import canary
 
     backend.activate(0)
     x = canary(backend.bundle)

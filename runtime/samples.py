@@ -1,5 +1,6 @@
 """Reading labelled samples from ``.npz`` (arrays ``x`` [N, ...], ``y`` [N], optional
-others): one reader for the host's data streams and the device's learner."""
+others): one reader for the host's data streams and the device's learner; and seeded
+canary inputs fit for a bundle's model (golden outputs, timing a provider)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,14 @@ def read_labelled_npz(path: str | Path, error: type[EdgeclError] = EdgeclError
     if not np.isfinite(x).all():
         raise error(f"{path}: x holds NaN or infinite values")
     return x, y.astype(np.int64), arrays
+
+
+def canary(bundle, batch: int = 1, seed: int = 0) -> np.ndarray:
+    """A seeded input batch fit for the bundle's model: uniform [0, 1) floats, or token
+    ids within its embedding table."""
+    g = bundle.graph
+    rng = np.random.default_rng(seed)
+    if g.input.dtype == "int64":
+        vocab = min((p.shape[0] for p in g.params.values() if p.role == "embedding"), default=1024)
+        return rng.integers(0, vocab, (batch, *g.input_shape), dtype=np.int64)
+    return rng.random((batch, *g.input_shape), dtype=np.float32)

@@ -172,13 +172,3 @@ def compute(view: View, runtime, x: np.ndarray) -> np.ndarray:
     a = executor.value(graph, params, x, view.value)
     return _pool(a, view.grid) if view.grid else a.reshape(len(a), -1)
 
-
-def canary(bundle, batch: int = 1, seed: int = 0) -> np.ndarray:
-    """A seeded input batch fit for the bundle's model: uniform [0, 1) floats, or token
-    ids within its embedding table."""
-    g = bundle.graph
-    rng = np.random.default_rng(seed)
-    if g.input.dtype == "int64":
-        vocab = min((p.shape[0] for p in g.params.values() if p.role == "embedding"), default=1024)
-        return rng.integers(0, vocab, (batch, *g.input_shape), dtype=np.int64)
-    return rng.random((batch, *g.input_shape), dtype=np.float32)
