@@ -10,11 +10,11 @@ import numpy as np
 from edgecl.models.data import load_spec
 from edgecl.models.training import Run, load_run
 from edgecl.runtime.bundle import Bundle
-from edgecl.runtime.bundle_format import MANIFEST
-from edgecl.runtime.bundle_write import commit
+from edgecl.runtime.bundle_format import MAIN, MANIFEST
+from edgecl.runtime.bundle_write import Transaction
 from edgecl.runtime.errors import BundleError
 from edgecl.runtime.graph import model_entry as graph_model_entry
-from edgecl.runtime.routers.store import update_routers
+from edgecl.runtime.routers.store import refit, set_routers
 
 
 def model_entry(run: Run) -> dict:
@@ -25,18 +25,19 @@ def task_entry(run: Run, t: int) -> dict:
     m = run.method
     info = m.tasks[t]
     return {"name": info["name"], "classes": info["classes"], "n_classes": len(info["classes"]),
-            "method": m.name, "mask_kind": m.mask_kind,
+            "method": m.name, "kind": m.kind,
             "metrics": {"host_acc": run.acc_matrix[t][t], "before_acc": m.before_acc[t],
                         "init_acc": m.init_acc[t]}}
 
 
-def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True) -> list[int]:
+def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True, key="env") -> list[int]:
     """Write (or extend) the bundle ``out`` with the tasks of the run in ``run_dir``.
 
-    An existing bundle must hold a prefix of the run's tasks, byte for byte; the run's
-    remaining tasks are committed one version each; then the task-ID routers are
-    updated with the new tasks' training data (one more version). Returns the versions.
-    """
+    An existing bundle must hold a prefix of the run's tasks, byte for byte; each of the
+    run's remaining tasks is committed as one version together with the task-ID routers
+    brought up to it (fitted on that version's tasks with the run's training data), so
+    version ``k`` holds exactly the first ``k`` tasks and routes among them. Returns the
+    versions written."""
     run = load_run(run_dir)
     out = Path(out)
     model, backbone = model_entry(run), run.method.export_backbone()
@@ -57,20 +58,18 @@ def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True) ->
                 raise BundleError(out / have.task(name)["file"],
                                   f"task {name!r} differs from the run's; bundle it anew")
         start = len(have.task_names)
+    data = []
+    if routers:
+        stream = load_spec(run.config["stream"])
+        data = [(t.name, t.x_train, t.y_train) for t in stream.tasks[: len(run.tasks)]]
     versions = []
     for t in range(start, len(run.tasks)):
-        versions.append(commit(out, model=model, backbone=backbone,
-                               tasks=[(task_entry(run, t), run.method.export_task(t))],
-                               stream=run.config["stream"]))
-    if versions and routers:
-        versions.append(fit_routers(run, out))
+        with Transaction(out, key=key) as tx:
+            tx.add_graph(MAIN, model)
+            tx.add_backbone(MAIN, backbone)
+            tx.manifest["stream"] = run.config["stream"]
+            tx.add_task(task_entry(run, t), run.method.export_task(t))
+            if routers:
+                set_routers(tx, refit(tx.candidate(), data[: t + 1]))
+        versions.append(tx.version)
     return versions
-
-
-def fit_routers(run: Run, out: Path) -> int:
-    """Update the bundle's task-ID routers with the run's training data (one version)."""
-    spec = run.config["stream"]
-    stream = load_spec(spec)
-    data = [(t.name, t.x_train, t.y_train) for t in stream.tasks[: len(run.tasks)]]
-    update_routers(out, data)
-    return Bundle.open(out, verify=False).version

@@ -23,7 +23,6 @@ from safetensors.numpy import save as st_save
 
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_write import commit_files
-from edgecl.runtime.safetensors_mmap import read_safetensors
 from edgecl.runtime.session import Runtime
 
 DEFAULT_INPUTS = 16
@@ -36,11 +35,17 @@ def bundle_canaries(bundle: Bundle, n: int = DEFAULT_INPUTS, seed: int = 0) -> n
     return canary(bundle, n, seed)
 
 
+def _covers(bundle: Bundle) -> dict:
+    """What golden outputs depend on: each task's file (a superseded task has a new one)
+    and each backbone's."""
+    return {"tasks": list(bundle.task_names), "task_files": [t["file"] for t in bundle.tasks],
+            "backbones": {n: b["file"] for n, b in sorted(bundle.manifest["backbones"].items())}}
+
+
 def golden_is_fresh(bundle: Bundle) -> bool:
     g = bundle.manifest.get("golden")
-    return bool(g) and g.get("tasks") == bundle.task_names \
-        and g.get("backbone") == bundle.manifest["backbone"] \
-        and g.get("file") in bundle.manifest["files"]
+    return bool(g) and g.get("file") in bundle.manifest["files"] \
+        and all(g.get(k) == v for k, v in _covers(bundle).items())
 
 
 def add_golden(bundle_dir: str | Path, n: int = DEFAULT_INPUTS, seed: int = 0) -> int:
@@ -53,8 +58,7 @@ def add_golden(bundle_dir: str | Path, n: int = DEFAULT_INPUTS, seed: int = 0) -
         tensors[f"logits.{info['index']}"] = np.ascontiguousarray(rt.logits(x, info["name"]), np.float32)
     data = st_save(dict(sorted(tensors.items())), metadata={"edgecl": "golden", "reference": "numpy"})
     rel = f"golden-{hashlib.sha256(data).hexdigest()[:8]}.safetensors"
-    entry = {"file": rel, "inputs": int(n), "seed": int(seed), "reference": "numpy",
-             "tasks": list(bundle.task_names), "backbone": bundle.manifest["backbone"]}
+    entry = {"file": rel, "inputs": int(n), "seed": int(seed), "reference": "numpy", **_covers(bundle)}
 
     def update(manifest: dict) -> None:
         old = manifest.get("golden")
@@ -78,7 +82,7 @@ def load_golden(bundle: Bundle) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if not g:
         raise KeyError(f"{bundle.root}: the bundle holds no golden outputs "
                        "(run: edgecl bundle, or edgecl compile BUNDLE --target host)")
-    tensors, _ = read_safetensors(bundle.root / g["file"], mapped=False)
+    tensors, _ = bundle.read_tensors(g["file"])
     by_index = {t["index"]: t["name"] for t in bundle.tasks}
     out = {by_index[int(k.split(".", 1)[1])]: v for k, v in tensors.items() if k.startswith("logits.")}
     return tensors["x"], out

@@ -526,7 +526,8 @@ def compile_bundle(bundle_dir: str | Path, target: str = "host", tune_trials: in
     entry["cuda"] = cuda
 
     def update(manifest: dict) -> None:
-        if manifest["model"] != bundle.model:
+        main = manifest["backbones"][bundle.main]["graph"]
+        if manifest["graphs"].get(main) != bundle.model:
             raise ValueError("the bundle's architecture changed while compiling")
         old = manifest.get("targets", {}).get(target)
         for key in ("file",):

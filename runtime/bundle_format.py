@@ -11,18 +11,27 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import BundleError
 
 FORMAT_NAME = "edgecl-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE = (1, 2)  # format 1 (one model, one backbone, mask-only tasks) is read as format 2
 MANIFEST = "manifest.json"
 VERSIONS_DIR = "versions"
+MAIN = "main"  # the graph and backbone a bundle made from one model names
 
 
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def signed_body(manifest: dict) -> bytes:
+    """The bytes a manifest's signature covers: the canonical form of everything but the
+    checksum and the signature itself."""
+    return _canonical({k: v for k, v in manifest.items() if k not in ("checksum", "signature")})
 
 
 def serialize_manifest(manifest: dict) -> bytes:
@@ -48,17 +57,37 @@ def parse_manifest(raw: bytes, path: Path) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(path, f"not an edgecl bundle manifest (format={manifest.get('format')!r})")
     fv = manifest.get("format_version")
-    if fv != FORMAT_VERSION:
+    if fv not in READABLE:
         raise BundleError(
-            path, f"unknown format version {fv!r}; this runtime reads version {FORMAT_VERSION}"
+            path, f"unknown format version {fv!r}; this runtime reads versions "
+                  f"{', '.join(map(str, READABLE))} (a newer edgecl wrote it?)"
         )
     try:
         expected = serialize_manifest(manifest)
     except (TypeError, ValueError) as e:
         raise BundleError(path, f"manifest holds values that are not plain JSON ({e})") from e
-    if expected != raw:
+    if expected != bytes(raw):
         raise BundleError(path, "manifest checksum mismatch: the file was modified or is corrupt")
-    return manifest
+    return upgrade(manifest) if fv == 1 else manifest
+
+
+def upgrade(manifest: dict) -> dict:
+    """A format-1 manifest as the format-2 manifest it means (in memory; the next commit
+    writes format 2): its model and backbone become graph and backbone ``main``, each task
+    names them, its ``mask_kind`` becomes its ``kind``."""
+    m = copy.deepcopy(manifest)
+    m["format_version"] = FORMAT_VERSION
+    m["upgraded_from"] = 1
+    m["graphs"] = {MAIN: m.pop("model")}
+    m["backbones"] = {MAIN: {"graph": MAIN, "file": m.pop("backbone")}}
+    for t in m["tasks"]:
+        t["kind"] = t.pop("mask_kind")
+        t.setdefault("graph", MAIN)
+        t.setdefault("backbone", MAIN)
+        t.setdefault("depends", [])
+        t.setdefault("revision", 1)
+    m.setdefault("log", [])
+    return m
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -67,6 +96,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def fsync_dir(path: Path) -> None:
@@ -87,6 +129,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -102,8 +145,12 @@ def new_manifest_version(previous: dict | None) -> dict:
     """A deep copy of ``previous`` (or an empty manifest) with the next version number."""
     if previous is None:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "version": 1,
-                "tasks": [], "files": {}}
+                "bundle_id": uuid.uuid4().hex, "graphs": {}, "backbones": {}, "tasks": [],
+                "files": {}, "log": []}
     m = copy.deepcopy(previous)
     m["version"] = int(previous["version"]) + 1
-    m.pop("checksum", None)
+    m["format_version"] = FORMAT_VERSION
+    m.setdefault("bundle_id", uuid.uuid4().hex)  # a format-1 bundle gets its id now
+    for k in ("checksum", "signature", "upgraded_from"):
+        m.pop(k, None)
     return m

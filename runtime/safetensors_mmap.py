@@ -38,15 +38,23 @@ def read_safetensors(path: str | Path, *, mapped: bool = True) -> tuple[dict[str
                 buf = f.read()
     except OSError as e:
         raise BundleError(path, f"cannot read: {e.strerror or e}") from e
+    return parse_safetensors(buf, path, copy=not mapped)
+
+
+def parse_safetensors(buf, where: object, *, copy: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, metadata) of safetensors bytes in ``buf`` (bytes, an mmap, or a slice of
+    one): views into ``buf`` (read-only when it is), or copies. Errors name ``where``."""
     if len(buf) < 8:
-        raise BundleError(path, "not a safetensors file (shorter than its 8-byte header length)")
-    (n,) = struct.unpack("<Q", buf[:8])
+        raise BundleError(where, "not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
     if n > min(_MAX_HEADER, len(buf) - 8):
-        raise BundleError(path, f"not a safetensors file (header length {n} exceeds the file)")
+        raise BundleError(where, f"not a safetensors file (header length {n} exceeds the file)")
     try:
         header = json.loads(bytes(buf[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(path, f"safetensors header is not valid JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BundleError(where, f"safetensors header is not valid JSON: {e}") from e
     metadata = header.pop("__metadata__", None) or {}
     start = 8 + n
     tensors: dict[str, np.ndarray] = {}
@@ -56,10 +64,10 @@ def read_safetensors(path: str | Path, *, mapped: bool = True) -> tuple[dict[str
             shape = tuple(int(s) for s in info["shape"])
             lo, hi = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(path, f"tensor {name!r} has a malformed header entry") from e
+            raise BundleError(where, f"tensor {name!r} has a malformed header entry") from e
         count = int(np.prod(shape, dtype=np.int64))
-        if hi - lo != count * dtype.itemsize or start + hi > len(buf) or lo < 0:
-            raise BundleError(path, f"tensor {name!r} lies outside the file or has a wrong size")
+        if hi - lo != count * dtype.itemsize or start + hi > len(buf) or lo < 0 or min(shape, default=0) < 0:
+            raise BundleError(where, f"tensor {name!r} lies outside the file or has a wrong size")
         arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start + lo).reshape(shape)
-        tensors[name] = arr if mapped else arr.copy()
+        tensors[name] = arr.copy() if copy else arr
     return tensors, metadata

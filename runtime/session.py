@@ -21,81 +21,61 @@ import numpy as np
 from . import executor
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .masks import materialize_bits, materialize_units
-
-MASK_BITS = "weight_bits"
-MASK_UNITS = "unit_gates"
+from .graph import Graph
+from .kinds import TaskKind, TaskView, UnknownKindError, check_head, get_kind
 
 
 class ActiveTask:
-    """A task's effective parameters (name -> array) and head, ready to run. Only the
-    arrays a mask changed are copies; ``nbytes`` counts those and the head."""
+    """A task's graph, effective parameters (name -> array) and head, ready to run. Only
+    the arrays its kind changed are copies; ``nbytes`` counts those and the head."""
 
-    def __init__(self, info: dict, params: dict[str, np.ndarray],
+    def __init__(self, info: dict, graph: Graph, params: dict[str, np.ndarray],
                  head: tuple[np.ndarray, np.ndarray]) -> None:
         self.info = info
+        self.graph = graph
         self.params = params
         self.head = head
         self.nbytes = sum(a.nbytes for a in params.values() if a.flags.owndata)
         self.nbytes += head[0].nbytes + head[1].nbytes
 
 
-def _check_bits(where: Path, key: str, bits: np.ndarray | None, n: int) -> np.ndarray:
-    if bits is None:
-        raise BundleError(where, f"task file lacks {key}")
-    need = (n + 7) // 8
-    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != need:
-        raise BundleError(where, f"{key}: {bits.dtype} of shape {bits.shape}; a bit mask of {n} weights "
-                                 f"is uint8 of shape ({need},)")
-    return bits
-
-
-def _check_gates(where: Path, key: str, gates: np.ndarray | None, units: int) -> np.ndarray:
-    if gates is None:
-        raise BundleError(where, f"task file lacks {key}")
-    if gates.dtype != np.uint8 or gates.shape != (units,):
-        raise BundleError(where, f"{key}: {gates.dtype} of shape {gates.shape}; unit gates of "
-                                 f"{units} units are uint8 of shape ({units},)")
-    if gates.size and gates.max() > 1:
-        raise BundleError(where, f"{key}: unit gates must be 0 or 1, found {int(gates.max())}")
-    return gates
-
-
-def activate(bundle: Bundle, key: str | int) -> ActiveTask:
-    """Materialize one task's weights from the mapped backbone and its task file.
-
-    Parameters no mask touches stay views into the mapped backbone (no copy)."""
+def task_view(bundle: Bundle, key: str | int) -> tuple[TaskKind, TaskView]:
+    """A stored task's kind and view (entry, tensors, graph, backbone), checked: the kind
+    is known, its tensors are valid, the head fits the graph."""
     info = bundle.task(key)
-    tensors = bundle.task_tensors(info["name"])
-    backbone = bundle.backbone
-    where = bundle.root / info["file"]
-    kind = info["mask_kind"]
-    if kind not in (MASK_BITS, MASK_UNITS):
-        raise BundleError(bundle.root / "manifest.json",
-                          f"task {info['name']!r}: unknown mask kind {kind!r}")
-    params: dict[str, np.ndarray] = {}
-    for name in bundle.graph.params:
-        if name not in backbone:
-            raise BundleError(bundle.root / bundle.manifest["backbone"], f"backbone lacks {name}")
-    for site in bundle.graph.mask_sites():
-        w = backbone[site.weight]
-        if kind == MASK_BITS:
-            key = f"mask.{site.node}"
-            params[site.weight] = materialize_bits(w, _check_bits(where, key, tensors.get(key), w.size))
-        else:
-            key = f"gate.{site.node}"
-            gates = _check_gates(where, key, tensors.get(key), site.units)
-            params[site.weight] = materialize_units(w, gates)
-            if site.bias is not None:
-                params[site.bias] = materialize_units(backbone[site.bias], gates)
     try:
-        head = (tensors["head.weight"], tensors["head.bias"])
-    except KeyError as e:
-        raise BundleError(where, f"task file lacks {e.args[0]}") from None
-    feat = bundle.graph.feature_dim
-    if head[0].ndim != 2 or head[0].shape[1] != feat or head[1].shape != (head[0].shape[0],):
-        raise BundleError(where, f"head of shapes {head[0].shape}, {head[1].shape}; the features are {feat}")
-    return ActiveTask(info, {**{n: backbone[n] for n in bundle.graph.params}, **params}, head)
+        kind = get_kind(info["kind"])
+    except UnknownKindError as e:
+        raise BundleError(bundle.where("manifest.json"), f"task {info['name']!r}: {e.args[0]}") from None
+    graph = bundle.task_graph(info["name"])
+    backbone = bundle.backbone_tensors(info.get("backbone"))
+    for name in graph.params:
+        if name not in backbone and kind.same_graph:
+            where = bundle.where(bundle.backbone_file(info.get("backbone")))
+            raise BundleError(where, f"backbone lacks {name}")
+    view = TaskView(info, bundle.task_tensors(info["name"]), graph, backbone, str(bundle.where(info["file"])))
+    kind.validate(view)
+    check_head(view)
+    return kind, view
+
+
+def activate(bundle: Bundle, key: str | int, _seen: tuple[str, ...] = ()) -> ActiveTask:
+    """Materialize one task's parameters from the mapped backbone and its task file,
+    through its kind. Parameters the kind does not touch stay views into the mapped
+    backbone (no copy)."""
+    kind, view = task_view(bundle, key)
+    name = view.entry["name"]
+    if name in _seen:
+        raise BundleError(bundle.where("manifest.json"), f"task {name!r} depends on itself "
+                                                         f"(through {' -> '.join(_seen)})")
+
+    def resolve(dep: str) -> dict[str, np.ndarray]:
+        return activate(bundle, dep, _seen + (name,)).params
+
+    params = kind.materialize(view, resolve)
+    base = {n: view.backbone[n] for n in view.graph.params if n in view.backbone}
+    return ActiveTask(view.entry, view.graph, {**base, **params},
+                      (view.tensors["head.weight"], view.tensors["head.bias"]))
 
 
 class Runtime:
@@ -172,11 +152,27 @@ class Runtime:
 
     def logits(self, x: np.ndarray, task: str | int) -> np.ndarray:
         active = self.activate(task)
-        return executor.forward(self.bundle.graph, active.params, active.head,
-                                self.check_input(x))
+        return executor.forward(active.graph, active.params, active.head, self.check_input(x))
 
     def predict(self, x: np.ndarray, task: str | int) -> np.ndarray:
         """Predicted labels in the task's own label space (its ``classes``)."""
         active = self.activate(task)
         idx = self.logits(x, task).argmax(axis=1)
         return np.asarray(active.info["classes"])[idx]
+
+
+def owned_union(bundle: Bundle) -> dict[str, np.ndarray | None]:
+    """Backbone entries owned by any task of the bundle (through each task's kind): by
+    parameter, a flat bool array, or None when a task owns the whole tensor. A learner may
+    change only entries outside it."""
+    out: dict[str, np.ndarray | None] = {}
+    for name in bundle.task_names:
+        kind, view = task_view(bundle, name)
+        for p, own in kind.owned(view).items():
+            if p in out and out[p] is None:
+                continue
+            if own is None:
+                out[p] = None
+            else:
+                out[p] = own.copy() if p not in out else (out[p] | own)
+    return out

@@ -23,16 +23,23 @@ def test_layout_and_manifest(trained):
     bundle = trained("supsup")[1]
     b = Bundle.open(bundle)
     m = b.manifest
-    assert m["format"] == "edgecl-bundle" and m["format_version"] == 1
-    # one version per task, then one that brings the task-ID routers up to date
-    assert b.versions() == [1, 2, 3, 4, 5, 6] and b.version == 6
-    assert m["backbone"].startswith("backbone-") and m["backbone"].endswith(".safetensors")
-    assert [t["mask_kind"] for t in b.tasks] == ["weight_bits"] * 5
+    assert m["format"] == "edgecl-bundle" and m["format_version"] == 2 and len(m["bundle_id"]) == 32
+    # one version per task, each with the task-ID routers brought up to it
+    assert b.versions() == [1, 2, 3, 4, 5] and b.version == 5
+    assert [e["parts"] for e in m["log"]][1] == [
+        "backbone:main", "task:digits-2-3", "router:entropy", "router:gradient", "router:prototype"]
+    backbone = m["backbones"]["main"]["file"]
+    assert backbone.startswith("backbone-") and backbone.endswith(".safetensors")
+    assert [t["kind"] for t in b.tasks] == ["weight_bits"] * 5
+    assert all(t["graph"] == "main" and t["backbone"] == "main" and t["depends"] == [] for t in b.tasks)
     listed = set(m["files"])
     routers = {r["file"] for r in m["routers"].values()}
-    assert listed == {m["backbone"], *(t["file"] for t in b.tasks), *routers}
+    assert listed == {backbone, *(t["file"] for t in b.tasks), *routers}
     assert set(m["routers"]) == {"prototype", "entropy", "gradient"}
-    graph = m["model"]["graph"]
+    for v in b.versions():  # every version routes among exactly its own tasks
+        bv = Bundle.open(bundle, version=v)
+        assert all(r["tasks"] == bv.task_names for r in bv.manifest["routers"].values())
+    graph = m["graphs"]["main"]["graph"]
     assert graph["format"] == "edgecl-graph" and graph["features"] == "relu4"
     assert [n["op"] for n in graph["nodes"]] == ["Flatten", "Linear", "Relu", "Linear", "Relu"]
     assert graph["mask"] == ["fc1.weight", "fc2.weight"]
@@ -50,7 +57,10 @@ def test_one_flipped_byte_in_any_file_is_refused_naming_the_file(bundle_copy, me
             damaged = bytearray(original)
             damaged[pos] ^= 0x01
             path.write_bytes(bytes(damaged))
-            version = int(path.stem) if path.parent.name == "versions" else None
+            rel = path.relative_to(bundle).as_posix()
+            version = None if rel == "manifest.json" else int(path.stem) if path.parent.name == "versions" \
+                else max(v for v in range(1, 99) if (bundle / f"versions/{v:06d}.json").exists()
+                         and rel in json.loads((bundle / f"versions/{v:06d}.json").read_text())["files"])
             with pytest.raises(BundleError) as e:
                 Bundle.open(bundle, version=version)
             assert str(path) in str(e.value), (path, pos, e.value)
@@ -94,7 +104,7 @@ def _commit_next(bundle: Path) -> None:
     """Add one more (copied) task to the bundle as a new version."""
     b = Bundle.open(bundle)
     t = b.tasks[0]
-    entry = {k: t[k] for k in ("classes", "n_classes", "method", "mask_kind", "metrics")}
+    entry = {k: t[k] for k in ("classes", "n_classes", "method", "kind", "metrics")}
     entry["name"] = f"extra-{b.version}"
     bundle_write.commit(bundle, model=b.model, backbone=dict(b.backbone),
                          tasks=[(entry, b.task_tensors(0))])
@@ -157,11 +167,11 @@ def test_a_full_disk_fails_clearly_and_keeps_the_bundle(bundle_copy, monkeypatch
 def test_adding_a_task_keeps_the_backbone_file(bundle_copy):
     bundle = bundle_copy("supsup")
     b = Bundle.open(bundle)
-    backbone = bundle / b.manifest["backbone"]
+    backbone = bundle / b.backbone_file()
     stat = backbone.stat()
     _commit_next(bundle)
     b2 = Bundle.open(bundle)
-    assert b2.manifest["backbone"] == b.manifest["backbone"]
+    assert b2.backbone_file() == b.backbone_file()
     assert backbone.stat().st_ino == stat.st_ino and backbone.stat().st_mtime_ns == stat.st_mtime_ns
     assert b2.task_names[:-1] == b.task_names
 

@@ -16,13 +16,13 @@ import pytest
 from edgecl.runtime import Runtime, executor
 from edgecl.runtime.bundle import Bundle
 from edgecl.runtime.bundle_format import MANIFEST, VERSIONS_DIR, parse_manifest
+from edgecl.runtime.bundle_write import gc
 from edgecl.runtime.evaluate import evaluate
 from edgecl.runtime.executor import Tape
 from edgecl.runtime.graph import Graph, Node, Param, Value
 from edgecl.runtime.learn import ForgettingError, LearnError, RamBudgetError, energy, learn, planner
 from edgecl.runtime.learn import learner as L
 from edgecl.runtime.learn import train_numpy as T
-from edgecl.runtime.routers.store import update_routers
 
 from .device_process import run_on_device
 
@@ -31,7 +31,7 @@ TICK = {"kind": "model", "watts": 1.0, "tick_s": 0.1}  # 0.1 J per meter read: d
 
 def _prefix_bundle(src: Path, dst: Path, n: int, digits) -> Path:
     """The bundle a host run of the first ``n`` tasks gives (``edgecl bundle``): version n
-    of a longer bundle, made current, then its routers fitted with those tasks' data."""
+    of a longer bundle (its first n tasks and their routers), made current."""
     shutil.copytree(src, dst)
     raw = (dst / VERSIONS_DIR / f"{n:06d}.json").read_bytes()
     manifest = parse_manifest(raw, dst / MANIFEST)
@@ -40,11 +40,7 @@ def _prefix_bundle(src: Path, dst: Path, n: int, digits) -> Path:
     for p in (dst / VERSIONS_DIR).glob("*.json"):
         if int(p.stem) > n:
             p.unlink()
-    keep = set(manifest["files"])
-    for p in [p for p in dst.rglob("*.safetensors")]:
-        if str(p.relative_to(dst)) not in keep:
-            p.unlink()
-    update_routers(dst, [(t.name, t.x_train, t.y_train) for t in digits.tasks[:n]])
+    gc(dst, keep=n)  # the later versions' files go
     return dst
 
 
@@ -240,13 +236,12 @@ def _cache_run(graph, backbone, method, k, prefix_cache, n=37, bs=8, epochs=2):
     """A learning run of ``epochs`` on random data (a ragged last batch), then two steps on
     batches drawn with replacement; returns the problem and the state's arrays."""
     from edgecl.runtime.learn import trainer
-    from edgecl.runtime.masks import pack_bits
 
     rng = np.random.default_rng(7)
     x, y = rng.random((n, *graph.input_shape), dtype=np.float32), rng.integers(0, 3, n)
-    old = [{f"mask.{s.node}": pack_bits(rng.random(int(np.prod(s.shape))) < 0.3) for s in graph.mask_sites()}]
+    owned = {s.weight: rng.random(int(np.prod(s.shape))) < 0.3 for s in graph.mask_sites()}
     hp = dict(trainer.DEFAULTS[method], epochs=epochs, retrain_epochs=1)
-    p = trainer.Problem(graph, backbone, old if method == "packnet" else [], x, y, 3, method, hp, bs, 0,
+    p = trainer.Problem(graph, backbone, owned if method == "packnet" else {}, x, y, 3, method, hp, bs, 0,
                         train_last=k, prefix_cache=prefix_cache)
     s = p.initial()
     trainer.run(p, s, trainer.numpy_step, out_of_energy=lambda: False)
@@ -339,12 +334,16 @@ def test_device_learns_task5_like_the_host_and_forgets_nothing(method, four, run
     bundle = four(method)
     names = [t.name for t in digits.tasks[:4]]
     v_before = Bundle.open(bundle)
-    old_backbone = (bundle / v_before.manifest["backbone"]).read_bytes()
+    old_backbone = (bundle / v_before.backbone_file()).read_bytes()
     before = _logits_bytes(Runtime(bundle), digits, names)
     # holdout 0: the device trains on exactly the samples the host trained on
     r = learn(bundle, "digits-8-9", _samples(tmp_path, digits.tasks[4]), method=method, seed=0,
               holdout=0.0, quiet=True, json_path=tmp_path / "report.json")
-    assert r["status"] == "committed" and len(r["versions"]) == 2  # the task, then the routers
+    # one version: the task and its routers (a transaction), right after the bundle's last
+    assert r["status"] == "committed" and r["versions"] == [v_before.version + 1]
+    parts = Bundle.open(bundle).log[-1]["parts"]
+    assert "task:digits-8-9" in parts and {p.split(":")[0] for p in parts} <= {"task", "router", "backbone"}
+    assert any(p.startswith("router:") for p in parts)
     doc = json.loads((tmp_path / "report.json").read_text())
     for key in ("steps", "seconds", "joules", "meter", "peak_rss_bytes", "batch_size", "plan_bytes"):
         assert doc[key] is not None, key
@@ -352,11 +351,11 @@ def test_device_learns_task5_like_the_host_and_forgets_nothing(method, four, run
     assert after.task_names == names + ["digits-8-9"]
     assert _logits_bytes(Runtime(bundle), digits, names) == before  # byte-identical
     if method == "supsup":
-        assert after.manifest["backbone"] == v_before.manifest["backbone"]
+        assert after.backbone_file() == v_before.backbone_file()
     else:
-        assert after.manifest["backbone"] != v_before.manifest["backbone"]
+        assert after.backbone_file() != v_before.backbone_file()
         assert not (bundle / L.WORK_DIR).exists()
-    assert (bundle / v_before.manifest["backbone"]).read_bytes() == old_backbone
+    assert (bundle / v_before.backbone_file()).read_bytes() == old_backbone
     t5 = digits.tasks[4]
     device = float((Runtime(bundle).predict(t5.x_test.reshape(-1, 64), "digits-8-9")
                     == np.asarray(t5.classes)[t5.y_test]).mean())
@@ -375,12 +374,12 @@ def test_device_learns_task5_like_the_host_and_forgets_nothing(method, four, run
 
 def test_head_mode_reports_holdout_accuracy_and_keeps_the_backbone(four, digits, tmp_path):
     bundle = four("supsup")
-    backbone = Bundle.open(bundle).manifest["backbone"]
+    backbone = Bundle.open(bundle).backbone_file()
     r = learn(bundle, "digits-8-9", _samples(tmp_path, digits.tasks[4]), method="head", epochs=10,
               quiet=True, routers=False)
     assert r["holdout_acc"] is not None and r["holdout_acc"] > 0.8 and r["n_holdout"] > 0
     b = Bundle.open(bundle)
-    assert b.manifest["backbone"] == backbone and b.task("digits-8-9")["mask_kind"] == "weight_bits"
+    assert b.backbone_file() == backbone and b.task("digits-8-9")["kind"] == "weight_bits"
     # head mode runs on the newest task's mask: the file carries that mask
     new, src = b.task_tensors("digits-8-9"), b.task_tensors("digits-6-7")
     assert all(np.array_equal(new[k], src[k]) for k in src if k.startswith("mask."))
@@ -582,25 +581,41 @@ def test_absent_readers_are_reported_absent_and_model_is_an_estimate(tmp_path):
 
 
 # ------------------------------------------------------------------ zero forgetting guard
+class _Abort(Exception):
+    pass
+
+
+def _stage(root, backbone, entry, tensors, canaries, before) -> None:
+    """The learner's check of a candidate, in a transaction that is then abandoned."""
+    from edgecl.runtime.bundle_write import Transaction
+
+    bundle = Bundle.open(root)
+    with pytest.raises(_Abort), Transaction(root, key=None) as tx:
+        L.stage_task(tx, bundle, backbone, entry, tensors, canaries, before)
+        raise _Abort
+    assert Bundle.open(root).version == bundle.version
+
+
 def test_a_candidate_that_changes_an_owned_weight_is_refused(four, digits):
-    bundle = Bundle.open(four("packnet"))
+    root = four("packnet")
+    bundle = Bundle.open(root)
     canaries = L.canary_inputs((64,), digits.tasks[4].x_train.reshape(-1, 64))
     before = L._old_logits(Runtime(bundle), bundle.task_names, canaries)
     last = bundle.task_tensors(bundle.task_names[-1])
     entry = {"name": "new", "classes": [8, 9], "n_classes": 2, "method": "packnet",
-             "mask_kind": "weight_bits", "metrics": {}}
+             "kind": "weight_bits", "metrics": {}}
     backbone = {k: np.array(v) for k, v in bundle.backbone.items()}
     owned = np.unpackbits(last["mask.fc1"], bitorder="little")[: backbone["fc1.weight"].size]
     free_i, owned_i = np.flatnonzero(owned == 0)[0], np.flatnonzero(owned == 1)[0]
     backbone["fc1.weight"].reshape(-1)[free_i] = 0.5  # a free weight: old tasks never see it
-    L.verify_candidate(bundle, backbone, entry, last, canaries, before)
+    _stage(root, backbone, entry, last, canaries, before)
     backbone["fc1.weight"].reshape(-1)[owned_i] += 1.0
     with pytest.raises(ForgettingError, match="owned weights of fc1"):
-        L.verify_candidate(bundle, backbone, entry, last, canaries, before)
+        _stage(root, backbone, entry, last, canaries, before)
     tampered = {k: v for k, v in before.items()}
     tampered[bundle.task_names[0]] = b"x"
     with pytest.raises(ForgettingError, match="canary"):
-        L.verify_candidate(bundle, None, entry, last, canaries, tampered)
+        _stage(root, None, entry, last, canaries, tampered)
 
 
 # ------------------------------------------------------------------ torch blocked
@@ -739,7 +754,7 @@ def _graph_bundle(root: Path, graph: Graph, method: str, n_tasks: int = 2) -> Pa
             bits = owner[s.node] <= t if method == "packnet" else rng.random(owner[s.node].size) < 0.5
             tensors[f"mask.{s.node}"] = pack_bits(bits)
         entry = {"name": f"old-{t}", "classes": [2 * t, 2 * t + 1], "n_classes": 2, "method": method,
-                 "mask_kind": "weight_bits", "metrics": {}}
+                 "kind": "weight_bits", "metrics": {}}
         commit(root, model=model_entry(graph, graph.name), backbone=backbone if t == 0 else None,
                tasks=[(entry, tensors)])
     return root
@@ -762,7 +777,7 @@ def test_learning_the_last_sites_of_a_graph_forgets_nothing(method, tmp_path):
     np.savez(tmp_path / "s.npz", x=x, y=y)
     probe = rng.random((16, *graph.input_shape), dtype=np.float32)
     old = {t: Runtime(before).logits(probe, t).tobytes() for t in before.task_names}
-    old_backbone = (root / before.manifest["backbone"]).read_bytes()
+    old_backbone = (root / before.backbone_file()).read_bytes()
     r = learn(root, "new", tmp_path / "s.npz", method=method, epochs=3, train_last=2, holdout=0.0,
               quiet=True, routers=False, step_backend="numpy")
     sites = graph.mask_sites()
@@ -772,7 +787,7 @@ def test_learning_the_last_sites_of_a_graph_forgets_nothing(method, tmp_path):
     rt = Runtime(after)
     assert {t: rt.logits(probe, t).tobytes() for t in before.task_names} == old
     assert np.isfinite(rt.logits(probe, "new")).all()
-    assert (root / before.manifest["backbone"]).read_bytes() == old_backbone  # never rewritten
+    assert (root / before.backbone_file()).read_bytes() == old_backbone  # never rewritten
     new = after.task_tensors("new")
     olds = [before.task_tensors(t) for t in before.task_names]
     for s in sites:
@@ -792,7 +807,7 @@ def test_learning_the_last_sites_of_a_graph_forgets_nothing(method, tmp_path):
         if name not in {s.weight for s in sites[-2:]}:
             assert after.backbone[name].tobytes() == before.backbone[name].tobytes(), name
     if method == "supsup":
-        assert after.manifest["backbone"] == before.manifest["backbone"]
+        assert after.backbone_file() == before.backbone_file()
 
 
 def test_auto_step_falls_back_to_numpy_when_the_compiled_step_is_unusable(monkeypatch):

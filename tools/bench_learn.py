@@ -60,7 +60,6 @@ import numpy as np
 from edgecl.runtime.graph import Graph, Node, Param, Value
 from edgecl.runtime.learn import trainer
 from edgecl.runtime.learn.progress import peak_rss_bytes
-from edgecl.runtime.masks import pack_bits
 method, steps, hidden = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 batch, classes = int(sys.argv[4]), int(sys.argv[5])
 rng = np.random.default_rng(0)
@@ -81,12 +80,11 @@ for s in graph.mask_sites():
     backbone[s.weight] = w0.astype(np.float32)
     if s.bias is not None:
         backbone[s.bias] = np.zeros(s.shape[0], np.float32)
-    old["mask." + s.node] = pack_bits(rng.random(s.shape) < 0.5)
+    old[s.weight] = (rng.random(s.shape) < 0.5).reshape(-1)  # entries an old task owns
 x = rng.random((1024, 64), dtype=np.float32)
 y = rng.integers(0, classes, 1024)
 hp = {"lr": 1e-3, "density": 0.5, "epochs": 1, "retrain_epochs": 1, "prune": 0.5}
-olds = [old] if method == "packnet" else []
-p = trainer.Problem(graph, backbone, olds, x, y, classes, method, hp, batch, 0)
+p = trainer.Problem(graph, backbone, old if method == "packnet" else {}, x, y, classes, method, hp, batch, 0)
 s = p.initial()
 idx = [rng.integers(0, 1024, batch) for _ in range(steps + 10)]
 for i in range(10):
@@ -273,7 +271,7 @@ from edgecl.runtime.safetensors_mmap import read_safetensors
 graph = Graph.from_dict(json.load(open(cfg["graph"]))["graph"])
 weights, _ = read_safetensors(cfg["weights"], mapped=False)
 hp = {"lr": cfg["lr"], "density": 0.5, "epochs": 1}
-p = trainer.Problem(graph, weights, [], x, y, C, "supsup", hp, B, 0, train_last=K)
+p = trainer.Problem(graph, weights, {}, x, y, C, "supsup", hp, B, 0, train_last=K)
 assert p.trainable == cfg["site_nodes"], (p.trainable, cfg["site_nodes"])
 s = p.initial()
 r = timed(lambda i: trainer.numpy_step(p, s, i))

@@ -151,7 +151,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     versions = bundle_run(args.run_dir, args.out)
     if versions:
-        print(f"{args.out}: wrote version(s) {', '.join(map(str, versions))}")
+        from edgecl.runtime.bundle import Bundle
+
+        log = {e["version"]: e["parts"] for e in Bundle.open(args.out, verify=False).log}
+        for v in versions:
+            parts = log.get(v, [])
+            tasks = [p.split(":", 1)[1] for p in parts if p.startswith("task:")]
+            routers = [p.split(":", 1)[1] for p in parts if p.startswith("router:")]
+            print(f"{args.out}: version {v}: task {', '.join(tasks)}"
+                  + (f" with the routers brought up to it ({', '.join(routers)})" if routers else ""))
     else:
         print(f"{args.out}: already holds every task of {args.run_dir}; nothing written")
     _golden(args.out, ensure_golden)
@@ -291,12 +299,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{graph.n_weights:,} masked weights, {graph.feature_dim} features at {graph.features!r}"
           + ("" if "graph" in model else " (format-1 layer table, read as a graph)"))
     print("ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    print(f"graphs: {', '.join(sorted(m['graphs']))}; backbones: "
+          + ", ".join(f"{n} ({e['file']}, graph {e['graph']})" for n, e in sorted(m["backbones"].items())))
+    sig = m.get("signature")
+    signed = f"key {sig['key']} (check: edgecl verify --trust-store DIR)" if sig else "none"
+    print(f"signature: {signed}; bundle id {m.get('bundle_id', '- (format 1)')}")
     print(tables.render(["masked node", "op", "weight", "shape"],
                         [[s.node, s.op, s.weight, tuple(s.shape)] for s in graph.mask_sites()]))
     print()
     print(tables.render(
-        ["#", "task", "method", "mask", "classes", "mask bits/weight", "bytes", "host acc"],
-        [[t["index"], t["name"], t["method"], t["mask_kind"], t["classes"],
+        ["#", "task", "method", "kind", "rev", "classes", "mask bits/weight", "bytes", "host acc"],
+        [[t["index"], t["name"], t["method"], t["kind"], t.get("revision", 1), t["classes"],
           f"{t['storage']['mask_bits_per_weight']:.4f}", t["storage"]["file_bytes"],
           f"{t['metrics'].get('host_acc', float('nan')):.3f}"] for t in b.tasks]))
     print()
@@ -344,10 +357,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_learn import run_from_args
 
         return run_from_args(args)
+    if args.bundle == "open":
+        from .bench_open import main as bench_open
+
+        return bench_open(args)
     from . import bench
 
-    if not Path(args.bundle).is_dir():
-        raise EdgeclError(f"{args.bundle}: no such bundle directory (or say 'kernels' or 'learn')")
+    if not Path(args.bundle).exists():
+        raise EdgeclError(f"{args.bundle}: no such bundle (or say 'zoo', 'kernels', 'learn' or 'open')")
     return bench.main(args)
 
 
@@ -450,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_learn import add_zoo_arguments
 
     add_zoo_arguments(k)  # edgecl bench learn --zoo ds-cnn,mobilenet-v2
+    from .bench_open import add_arguments as add_open_arguments
+
+    add_open_arguments(k)  # edgecl bench open --zoo-model minilm
     k.set_defaults(func=bench.zoo_or(cmd_bench))  # edgecl bench zoo: tools/bench_zoo.py
 
     from . import deploy, device_test_cmd, learn_cmd
@@ -466,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("device-test", help="run device_tests on a deployed device; results as JSON")
     device_test_cmd.add_arguments(tp)
     tp.set_defaults(func=device_test_cmd.main)
+
+    from . import bundle_cmd, keys_cmd, pack_cmd
+
+    bundle_cmd.add_parser(sub)
+    keys_cmd.add_parser(sub)
+    pack_cmd.add_parser(sub)
+    for name in ("bundle", "compile", "learn"):
+        bundle_cmd.add_key_argument(sub.choices[name])
+    for name in ("infer", "inspect", "eval", "learn", "bench", "device-test"):
+        bundle_cmd.add_trust_argument(sub.choices[name])
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
     d.add_argument("--out", default="demo-out", help="where runs and bundles go")
@@ -487,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # --key and --trust-store reach every commit and every open of the command through the
+    # environment, as a service's EDGECL_SIGNING_KEY / EDGECL_TRUST_STORE would
+    saved = {v: os.environ.get(v) for v in ("EDGECL_SIGNING_KEY", "EDGECL_TRUST_STORE")}
+    if getattr(args, "key", None) and args.command != "keygen":
+        os.environ["EDGECL_SIGNING_KEY"] = str(Path(args.key).resolve())
+    if getattr(args, "trust_store", None):
+        os.environ["EDGECL_TRUST_STORE"] = str(Path(args.trust_store).resolve())
     try:
         with _threads.configured(args.threads):
             return args.func(args)
@@ -499,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `edgecl inspect B | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 if __name__ == "__main__":

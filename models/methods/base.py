@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.runtime.graph import Graph, MaskSite
+from edgecl.runtime.kinds import get_kind
+from edgecl.runtime.kinds.selection import UnitGates, WeightBits
 
 from ..data import Task
 from ..torchnet import Params, features, init_backbone, init_head
 
-MASK_BITS = "weight_bits"
-MASK_UNITS = "unit_gates"
+MASK_BITS = WeightBits.name
+MASK_UNITS = UnitGates.name
 
 
 def task_generator(seed: int, index: int) -> torch.Generator:
@@ -34,7 +36,7 @@ def task_generator(seed: int, index: int) -> torch.Generator:
 
 class Method(ABC):
     name: ClassVar[str]
-    mask_kind: ClassVar[str]
+    kind: ClassVar[str]
     uses_bias: ClassVar[bool] = True
     defaults: ClassVar[dict] = {"epochs": 30, "batch_size": 32, "lr": 1e-3}
 
@@ -80,6 +82,10 @@ class Method(ABC):
     @abstractmethod
     def export_task(self, t: int) -> dict[str, np.ndarray]:
         """The task file's tensors: ``mask.<node>`` bits or ``gate.<node>`` units, head."""
+
+    def encode_task(self, parts: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
+        """The task file's tensors: the method's arrays and head, through its task kind."""
+        return get_kind(self.kind).encode({**parts, **self.export_head(t)}, self.graph)
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {}

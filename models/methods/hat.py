@@ -27,7 +27,7 @@ _CHANNELWISE = {"Relu", "Clip", "HardSwish", "Tanh", "Gelu", "MaxPool", "Average
 
 class HAT(Method):
     name = "hat"
-    mask_kind = MASK_UNITS
+    kind = MASK_UNITS
     defaults = {"epochs": 40, "batch_size": 32, "lr": 0.05, "smax": 400.0, "c": 0.75,
                 "thres_cosh": 50.0, "thres_emb": 6.0, "clipgrad": 10000.0}
 
@@ -156,9 +156,8 @@ class HAT(Method):
             self.cum[n] |= self.emb[t][n] > 0
 
     def export_task(self, t: int) -> dict[str, np.ndarray]:
-        out = {f"gate.{n}": (e > 0).numpy().astype(np.uint8) for n, e in self.emb[t].items()}
-        out.update(self.export_head(t))
-        return out
+        return self.encode_task({f"gate.{n}": (e > 0).numpy().astype(np.uint8)
+                                 for n, e in self.emb[t].items()}, t)
 
     def used_fraction(self) -> float:
         total = sum(c.numel() for c in self.cum.values())

@@ -12,8 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.runtime.masks import pack_bits
-
 from ..data import Task
 from ..torchnet import Params
 from .base import MASK_BITS, Method
@@ -21,7 +19,7 @@ from .base import MASK_BITS, Method
 
 class PackNet(Method):
     name = "packnet"
-    mask_kind = MASK_BITS
+    kind = MASK_BITS
     defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "prune": 0.6, "retrain_epochs": 10}
 
     def __init__(self, graph, seed=0, backbone=None, **hp):
@@ -103,10 +101,8 @@ class PackNet(Method):
             self.params[self.weight_of[n]] = torch.where(own == 0, torch.zeros_like(w), w)
 
     def export_task(self, t: int) -> dict[str, np.ndarray]:
-        out = {f"mask.{n}": pack_bits(((own > 0) & (own <= t + 1)).numpy())
-               for n, own in self.owner.items()}
-        out.update(self.export_head(t))
-        return out
+        return self.encode_task({f"mask.{n}": ((own > 0) & (own <= t + 1)).numpy()
+                                 for n, own in self.owner.items()}, t)
 
     def free_fraction(self) -> float:
         total = sum(o.numel() for o in self.owner.values())

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.runtime.masks import pack_bits
-
 from ..data import Task
 from ..torchnet import Params, init_backbone
 from .base import MASK_BITS, Method
@@ -33,7 +31,7 @@ class _StraightThrough(torch.autograd.Function):
 
 class SupSup(Method):
     name = "supsup"
-    mask_kind = MASK_BITS
+    kind = MASK_BITS
     uses_bias = False
     # head_lr: the head's learning rate (0: the same as the scores'); a pretrained
     # backbone's features can be small, and its head then needs larger steps than the scores
@@ -96,9 +94,8 @@ class SupSup(Method):
         self.heads[t] = (hw.detach(), hb.detach())
 
     def export_task(self, t: int) -> dict[str, np.ndarray]:
-        out = {f"mask.{n}": pack_bits(self.mask_of(s).numpy()) for n, s in self.scores[t].items()}
-        out.update(self.export_head(t))
-        return out
+        return self.encode_task({f"mask.{n}": self.mask_of(s).numpy().astype(bool)
+                                 for n, s in self.scores[t].items()}, t)
 
     def _extra_state(self):
         return {f"scores.{t}.{n}": s for t, d in enumerate(self.scores) for n, s in d.items()}

@@ -37,6 +37,7 @@ class Backend:
 
     name = "base"
     keeps_weights = True  # the backend copies a task's weights at activation
+    any_graph = False  # compiled backends run the main graph only (what was compiled)
 
     def __init__(self, bundle: Bundle, **options) -> None:
         self.bundle = bundle
@@ -68,6 +69,10 @@ class Backend:
         info = self.bundle.task(task)
         if self.task is not None and self.task["name"] == info["name"]:
             return
+        if not self.any_graph and self.bundle.task_graph(info["name"]) != self.bundle.graph:
+            raise BackendUnavailable(
+                f"backend {self.name!r} runs the bundle's main graph; task {info['name']!r} runs on "
+                f"graph {info.get('graph')!r} (its own modules): use the numpy backend for it")
         self._activate(info)
         self.task = info
         if self.keeps_weights:

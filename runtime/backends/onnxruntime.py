@@ -21,7 +21,7 @@ class OnnxRuntimeBackend(Backend):
 
         self._ort = onnxruntime
         self.threads = int(threads)
-        self._graphs = {int(n): (bundle.root / rel).read_bytes()
+        self._graphs = {int(n): bundle.store.read(rel)
                         for n, rel in bundle.manifest["exports"]["onnx"]["files"].items()}
 
     @classmethod

@@ -99,7 +99,7 @@ class TfliteBackend(Backend):
         self.threads = int(threads)
         self.max_batch_sizes = int(max_batch_sizes)
         exp = bundle.manifest["exports"]["tflite"]
-        self._graphs = {int(n): (entry, (bundle.root / entry["file"]).read_bytes())
+        self._graphs = {int(n): (entry, bundle.store.read(entry["file"]))
                         for n, entry in exp["graphs"].items()}
         self._content: bytes | None = None
         self._interps: OrderedDict[int, tuple] = OrderedDict()

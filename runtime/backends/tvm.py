@@ -117,7 +117,7 @@ class TvmBackend(Backend):
         self.entry = entry
         self.layout = entry["layout"]
         self._ffi = ffi = load_tvm_runtime()
-        self._vm = load_vm(ffi, bundle.root / entry["file"])
+        self._vm = load_vm(ffi, bundle.store.extract(entry["file"]))
         self._transform = self._vm[self.layout["transform"]]
         self._batches = sorted(int(b) for b in self.layout["batches"])
         self._fns = {b: self._vm[self.layout["functions"][str(b)]] for b in self._batches}

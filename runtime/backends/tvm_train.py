@@ -57,7 +57,7 @@ class TrainStep:
                                      f"{target or 'this machine'}: {why}")
         self.bundle, self.target, self.entry = bundle, name, entry
         self._ffi = load_tvm_runtime()
-        self._vm = load_vm(self._ffi, bundle.root / entry["file"])
+        self._vm = load_vm(self._ffi, bundle.store.extract(entry["file"]))
         self._fn = self._vm[entry["function"]]
         self.batch = int(entry["batch"])
         self.head_rows = int(entry["head_rows"])

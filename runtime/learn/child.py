@@ -25,6 +25,7 @@ from safetensors.numpy import save as st_save
 
 from ... import kernels
 from ..bundle import Bundle
+from ..session import activate, owned_union
 from . import energy, trainer
 from .progress import Progress, peak_rss_bytes
 
@@ -63,11 +64,15 @@ def main(job_dir: Path) -> int:
         with np.load(job_dir / "samples.npz") as z:
             x, y = z["x"], z["y"]
         bundle = Bundle.open(job["bundle"], version=job["version"], verify=False)
-        old = [bundle.task_tensors(t["name"]) for t in bundle.tasks] if job["method"] == "packnet" else []
-        source = bundle.task_tensors(job["source_task"]) if job["method"] == "head" else None
-        prob = trainer.Problem(bundle.graph, bundle.backbone, old, x, y, job["n_classes"], job["method"],
+        old = owned_union(bundle) if job["method"] == "packnet" else {}
+        source, src_params, graph = None, None, bundle.graph
+        if job["method"] == "head":  # a new head on an existing task's parameters, whatever its kind
+            active = activate(bundle, job["source_task"])
+            source, src_params, graph = bundle.task_tensors(job["source_task"]), active.params, active.graph
+        prob = trainer.Problem(graph, bundle.backbone, old, x, y, job["n_classes"], job["method"],
                                job["hp"], job["batch_size"], job["seed"], source,
-                               train_last=job.get("train_last"), prefix_cache=bool(job.get("prefix_cache")))
+                               train_last=job.get("train_last"), prefix_cache=bool(job.get("prefix_cache")),
+                               source_params=src_params)
         backend, step = trainer.select_step(bundle, job.get("step_backend", "auto"))
         ckpt = Path(job["checkpoint"])
         if job["resume"]:

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from ..bundle_format import MANIFEST
-from ..bundle_write import commit, safe_name
+from ..bundle_write import Transaction, safe_name
 from ..errors import EdgeclError
+from ..kinds import get_kind
 from ..samples import read_labelled_npz
-from ..session import Runtime
+from ..session import Runtime, owned_union
 from . import planner, trainer
 
 METHODS = ("supsup", "packnet", "head")
@@ -116,22 +116,6 @@ def canary_inputs(input_shape: tuple[int, ...], x: np.ndarray, n: int = 32) -> n
     return np.concatenate([rnd, x[:n]]).astype(np.float32)
 
 
-class _Candidate(Bundle):
-    """The bundle as it would be after the commit, in memory: the runtime's own activation
-    runs on it (the new backbone, the old masks, the new task)."""
-
-    def __init__(self, base: Bundle, backbone: dict, entry: dict, tensors: dict) -> None:
-        manifest = json.loads(json.dumps(base.manifest))
-        manifest["tasks"].append(dict(entry, index=len(manifest["tasks"]), file="(candidate)"))
-        super().__init__(base.root, manifest)
-        self.__dict__["backbone"] = backbone
-        self._base, self._new = base, (entry["name"], tensors)
-
-    def task_tensors(self, key):
-        name = self.task(key)["name"]
-        return self._new[1] if name == self._new[0] else self._base.task_tensors(name)
-
-
 def _old_logits(rt: Runtime, names: list[str], x: np.ndarray) -> dict[str, bytes]:
     return {n: rt.logits(x, n).tobytes() for n in names}
 
@@ -146,7 +130,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
           holdout: float = 0.1, meter: str | dict = "auto", meter_root: str = "/",
           source_task: str | None = None, step_backend: str = "auto", json_path: str | Path | None = None,
           quiet: bool = False, routers: bool = True, debug_alloc_mb: float = 0.0,
-          train_last: int | None = None) -> dict:
+          train_last: int | None = None, key="env") -> dict:
     """Learn ``task`` from ``samples_npz`` and commit it to the bundle; returns the report
     (``status``: ``committed`` or ``paused``). Raises :class:`LearnError` subclasses.
 
@@ -161,7 +145,6 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     bundle = Bundle.open(root)
     if task in bundle.task_names:
         raise LearnError(f"{root}: task {task!r} is already in the bundle (version {bundle.version})")
-    model = bundle.model
     graph = bundle.graph
     shape = tuple(graph.input_shape)
     x_all, y_all, classes = load_samples(samples_npz, shape)
@@ -175,12 +158,15 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     src = None
     if method == "head":
         src = bundle.task(source_task if source_task is not None else len(bundle.tasks) - 1)["name"]
-    elif method == "packnet":
-        kinds = {t["mask_kind"] for t in bundle.tasks}
-        if kinds - {"weight_bits"}:
-            raise LearnError(f"{root}: packnet needs weight-level masks; the bundle has {sorted(kinds)}")
+        kind = bundle.task(src)["kind"]
     elif source_task is not None:
         raise LearnError("--source-task is for --method head")
+    else:
+        kind = "weight_bits"
+    if method not in get_kind(kind).learners:
+        by = ", ".join(get_kind(kind).learners) or "none"
+        raise LearnError(f"{root}: --method {method} cannot make a task of kind {kind!r} "
+                         f"(that kind is learned on the device by: {by})")
     n_sites = len(graph.mask_sites())
     if train_last is not None:
         if method == "head":
@@ -188,7 +174,6 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
         if not 1 <= int(train_last):
             raise LearnError(f"--train-last must be at least 1, got {train_last}")
         train_last = min(int(train_last), n_sites)
-    mask_kind = bundle.task(src)["mask_kind"] if src else "weight_bits"
 
     # -- work dir, checkpoint, fingerprint ------------------------------------------
     work = root / WORK_DIR / safe_name(task)
@@ -213,9 +198,9 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                          f"(or delete {work} to start over)")
 
     # -- plan ---------------------------------------------------------------------
-    bb_bytes = (root / bundle.manifest["backbone"]).stat().st_size
-    old = [bundle.task_tensors(t) for t in bundle.task_names] if method == "packnet" else []
-    trainable = trainer.Problem(graph, bundle.backbone, old, x[:1], y[:1], len(classes), method,
+    bb_bytes = bundle.manifest["files"][bundle.backbone_file()]["bytes"]
+    owned = owned_union(bundle) if method == "packnet" else {}
+    trainable = trainer.Problem(graph, bundle.backbone, owned, x[:1], y[:1], len(classes), method,
                                 hp, 1, seed, train_last=train_last).trainable
     if method == "packnet" and not trainable:
         where = "" if train_last is None else f" in the last {train_last} mask site(s)"
@@ -296,25 +281,26 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     tensors = {k[5:]: v for k, v in result.items() if k.startswith("task.")}
     new_backbone = {k[9:]: v for k, v in result.items() if k.startswith("backbone.")} or None
 
-    # -- verify on the candidate, then commit ---------------------------------------
-    entry = {"name": task, "classes": classes, "n_classes": len(classes), "method": method,
-             "mask_kind": mask_kind, "metrics": {"host_acc": None, "before_acc": None, "init_acc": None}}
-    crt = verify_candidate(bundle, new_backbone, entry, tensors, canaries, before)
-    acc = float((crt.logits(x_all[te], task).argmax(axis=1) == y_all[te]).mean()) if len(te) else None
-    entry["metrics"].update(device_acc=acc, learned_on="device", joules=report.get("joules"),
-                            steps=report.get("steps"))
-    version = commit(root, model=model, backbone=new_backbone, tasks=[(entry, tensors)])
-    rt = Runtime(root)  # the committed version, as any reader opens it
-    if _old_logits(rt, bundle.task_names, canaries) != before:
-        raise ForgettingError(f"{root / MANIFEST}: committed version {version} does not reproduce the "
-                              f"old tasks' canary outputs")
-    versions = [version]
-    have_routers = sorted(bundle.manifest.get("routers", {}))
-    if routers and have_routers:
-        from ..routers.store import update_routers
+    # -- verify on the candidate, then commit it and the routers as one version --------
+    entry = {"name": task, "classes": classes, "n_classes": len(classes), "method": method, "kind": kind,
+             "metrics": {"host_acc": None, "before_acc": None, "init_acc": None}}
+    if src is not None and bundle.task(src).get("depends"):
+        entry["depends"] = bundle.task(src)["depends"]
+    have_routers = sorted(bundle.manifest.get("routers", {})) if routers else []
+    with Transaction(root, key=key) as tx:
+        if tx.previous["version"] != bundle.version:
+            raise LearnError(f"{root}: the bundle moved on to version {tx.previous['version']} while "
+                             f"learning (from version {bundle.version}); learn again")
+        added, crt = stage_task(tx, bundle, new_backbone, entry, tensors, canaries, before)
+        cand = crt.bundle
+        acc = float((crt.logits(x_all[te], task).argmax(axis=1) == y_all[te]).mean()) if len(te) else None
+        added["metrics"].update(device_acc=acc, learned_on="device", joules=report.get("joules"),
+                                steps=report.get("steps"))
+        if have_routers:
+            from ..routers.store import refit, set_routers
 
-        update_routers(root, [(task, x_all, y_all)], names=have_routers)
-        versions.append(Bundle.open(root, verify=False).version)
+            set_routers(tx, refit(cand, [(task, x_all, y_all)], names=have_routers))
+    versions = [tx.version]
     shutil.rmtree(work, ignore_errors=True)
     try:
         (root / WORK_DIR).rmdir()
@@ -327,34 +313,36 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     return report
 
 
-def verify_candidate(bundle: Bundle, new_backbone: dict | None, entry: dict, tensors: dict,
-                     canaries: np.ndarray, before: dict[str, bytes]) -> Runtime:
-    """The runtime over the bundle as it would be after the commit (in memory), once every
-    old task's canary logits are byte-identical to ``before``; else ``ForgettingError``."""
-    cand = _Candidate(bundle, new_backbone if new_backbone is not None else bundle.backbone,
-                      entry, tensors)
+def stage_task(tx: Transaction, bundle: Bundle, new_backbone: dict | None, entry: dict, tensors: dict,
+               canaries: np.ndarray, before: dict[str, bytes]) -> tuple[dict, Runtime]:
+    """Put the new backbone (if the method changed free weights) and the new task into
+    ``tx``; return the task's entry and the runtime over the version being committed (in
+    memory) once every owned weight is unchanged and every old task's canary logits are
+    byte-identical to ``before``; else ``ForgettingError`` (and the transaction writes
+    nothing)."""
     if new_backbone is not None:
         _check_owned_unchanged(bundle, new_backbone)
-    crt = Runtime(cand)
+        main = bundle.main
+        tx.add_backbone(main, new_backbone, graph=bundle.manifest["backbones"][main]["graph"])
+    added = tx.add_task(entry, tensors)
+    crt = Runtime(tx.candidate())
     after = _old_logits(crt, bundle.task_names, canaries)
     changed = [n for n in bundle.task_names if after[n] != before[n]]
     if changed:
-        raise ForgettingError(f"refusing to commit {entry['name']!r}: old task(s) {changed} would "
-                              f"answer differently on the canary inputs (not byte-identical)")
-    return crt
+        raise ForgettingError(f"refusing to commit {entry['name']!r}: old task(s) {changed} would answer "
+                              f"differently on the canary inputs (not byte-identical)")
+    return added, crt
 
 
 def _check_owned_unchanged(bundle: Bundle, new: dict) -> None:
     """Every owned weight (any old task's mask bit) byte-identical, and every other tensor
     of the backbone (biases, normalization, ...) entirely."""
-    from ..masks import unpack_bits
-
     old = bundle.backbone
     if set(old) != set(new):
         raise ForgettingError(f"refusing to commit: the new backbone has tensors {sorted(new)}, "
                               f"the old {sorted(old)}")
     sites = {s.weight: s for s in bundle.graph.mask_sites()}
-    masks = [bundle.task_tensors(t) for t in bundle.task_names]
+    owned_by = owned_union(bundle)
     for name in old:
         w_old, w_new = np.asarray(old[name]), np.asarray(new[name])
         site = sites.get(name)
@@ -365,9 +353,9 @@ def _check_owned_unchanged(bundle: Bundle, new: dict) -> None:
             continue
         if w_old.shape != w_new.shape:
             raise ForgettingError(f"refusing to commit: {name} has shape {w_new.shape}, was {w_old.shape}")
-        owned = np.zeros(w_old.size, dtype=bool)
-        for m in masks:
-            owned |= unpack_bits(m[f"mask.{site.node}"], (w_old.size,))
+        owned = owned_by.get(name, np.zeros(w_old.size, dtype=bool))
+        if owned is None:
+            owned = np.ones(w_old.size, dtype=bool)
         a, b = w_old.reshape(-1).view(np.uint32), np.ascontiguousarray(w_new).reshape(-1).view(np.uint32)
         if not np.array_equal(a[owned], b[owned]):
             raise ForgettingError(f"refusing to commit: owned weights of {site.node} changed")

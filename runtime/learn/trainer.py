@@ -33,7 +33,7 @@ from ... import kernels
 from .. import executor
 from ..bundle_format import atomic_write_bytes
 from ..graph import Graph, from_model
-from ..masks import materialize_bits, materialize_units, pack_bits, unpack_bits
+from ..masks import materialize_bits, pack_bits, unpack_bits
 from . import train_numpy as T
 
 DEFAULTS = {
@@ -166,10 +166,12 @@ class Problem:
     (:func:`.planner.prefix_cache_bytes`). The steps are the same bytes either way, unless
     the prefix holds a ``Linear`` on ``[batch, features]`` (see :mod:`.train_numpy`)."""
 
-    def __init__(self, graph: Graph | Mapping, backbone: Mapping[str, np.ndarray], old_masks: list[dict],
+    def __init__(self, graph: Graph | Mapping, backbone: Mapping[str, np.ndarray],
+                 owned: Mapping[str, np.ndarray | None],
                  x: np.ndarray, y: np.ndarray, n_classes: int, method: str, hp: dict,
                  batch_size: int, seed: int, source: dict[str, np.ndarray] | None = None,
-                 train_last: int | None = None, prefix_cache: bool = True) -> None:
+                 train_last: int | None = None, prefix_cache: bool = True,
+                 source_params: Mapping[str, np.ndarray] | None = None) -> None:
         self.graph = _as_graph(graph)
         self.sites = self.graph.mask_sites()
         self.site = {s.node: s for s in self.sites}
@@ -177,21 +179,20 @@ class Problem:
         self.backbone = backbone
         self.x, self.y, self.n_classes = x, y, n_classes
         self.method, self.hp, self.bs, self.seed = method, hp, int(batch_size), int(seed)
-        self.source = source
+        self.source = source  # head mode: the source task's file tensors and effective params
+        self.source_params = source_params
         self.feat = int(self.graph.feature_dim)
         self.phases = [int(hp["epochs"])] + ([int(hp["retrain_epochs"])] if method == "packnet" else [])
         if train_last is not None and int(train_last) < 1:
             raise ValueError(f"train_last must be at least 1 (the last K mask sites), got {train_last}")
         self.train_last = None if train_last is None else int(train_last)
         candidates = self.names if train_last is None else self.names[-int(train_last):]
-        if method == "packnet":  # free = not owned by any task (the union of their masks)
+        if method == "packnet":  # free = owned by no task (``session.owned_union``)
             self.union = {}
             for s in self.sites:
                 size = math.prod(s.shape)
-                u = np.zeros(size, dtype=bool)
-                for m in old_masks:
-                    u |= unpack_bits(m[f"mask.{s.node}"], (size,))
-                self.union[s.node] = u
+                u = owned.get(s.weight, np.zeros(size, dtype=bool))
+                self.union[s.node] = np.ones(size, dtype=bool) if u is None else np.asarray(u, dtype=bool)
             self.trainable = [n for n in candidates if not self.union[n].all()]
         else:
             self.trainable = list(candidates) if method == "supsup" else []
@@ -281,7 +282,7 @@ class Problem:
         """Head mode: the source task's features of every sample, computed once (a batch
         at a time, so the activations are a batch's)."""
         if self._features is None:
-            params = source_params(self.graph, self.backbone, self.source)
+            params = self.source_params
             out = np.empty((len(self.x), self.feat), dtype=np.float32)
             for i in range(0, len(self.x), self.bs):
                 out[i : i + self.bs] = executor.features(self.graph, params, self.x[i : i + self.bs])
@@ -327,7 +328,8 @@ class Problem:
                     out[f"mask.{s.node}"] = _ones_bits(math.prod(s.shape))
             return out, None
         if self.method == "head":
-            out.update({k: v.copy() for k, v in self.source.items() if k.startswith(("mask.", "gate."))})
+            # the source task's own parts, whatever its kind; only the head is new
+            out.update({k: v.copy() for k, v in self.source.items() if not k.startswith("head.")})
             return out, None
         backbone = dict(self.backbone)  # untouched tensors stay what they are (mapped views)
         for s in self.sites:
@@ -340,25 +342,6 @@ class Problem:
             else:  # owned by the old tasks only; its free weights stay free
                 out[f"mask.{n}"] = pack_bits(self.union[n])
         return out, backbone
-
-
-def source_params(graph: Graph | Mapping, backbone: Mapping[str, np.ndarray],
-                  tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A task's effective parameters, every parameter name -> array, from its task file's
-    ``mask.<node>`` bits or ``gate.<node>`` unit gates (as
-    :func:`edgecl.runtime.session.activate`)."""
-    graph = _as_graph(graph)
-    params = {name: backbone[name] for name in graph.params}
-    for site in graph.mask_sites():
-        w = backbone[site.weight]
-        if f"mask.{site.node}" in tensors:
-            params[site.weight] = materialize_bits(w, tensors[f"mask.{site.node}"])
-        else:
-            g = tensors[f"gate.{site.node}"]
-            params[site.weight] = materialize_units(w, g)
-            if site.bias is not None:
-                params[site.bias] = materialize_units(backbone[site.bias], g)
-    return params
 
 
 # ------------------------------------------------------------------ step functions

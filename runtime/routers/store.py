@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from ..bundle import Bundle
-from ..safetensors_mmap import read_safetensors
 from .base import Router, RouterError
 
 
@@ -30,11 +29,11 @@ def read_router(bundle: Bundle, name: str) -> Router:
         raise RouterError(f"{bundle.root}: no router {name!r} (the bundle has: {have})")
     if name not in ROUTERS:
         raise RouterError(f"{bundle.root}: router {name!r} is of a kind this runtime does not know")
-    arrays, meta = read_safetensors(bundle.root / entry["file"], mapped=False)
+    arrays, meta = bundle.read_tensors(entry["file"])
     try:
         router = ROUTERS[name].from_state(arrays, meta)
     except (KeyError, ValueError) as e:
-        raise RouterError(f"{bundle.root / entry['file']}: corrupt router ({e})") from e
+        raise RouterError(f"{bundle.where(entry['file'])}: corrupt router ({e})") from e
     return router
 
 
@@ -47,21 +46,18 @@ def load_router(bundle: Bundle, name: str | None = None) -> Router:
     return router
 
 
-def update_routers(path, data: list[tuple[str, object, object]], names: list[str] | None = None,
-                   threshold: float = 0.5) -> dict:
-    """Bring the bundle's routers up to its tasks, as one new bundle version.
+def refit(bundle: Bundle, data: list[tuple[str, object, object]], names: list[str] | None = None
+          ) -> dict[str, tuple[dict, dict[str, str]]]:
+    """The bundle's routers brought up to its tasks: {name: (arrays, metadata)}.
 
     ``data``: (task name, inputs, local labels or None) — needed for the tasks a router
     does not cover yet; old tasks need none. The temperature is refitted on ``data``.
-    Returns {router name: its tasks}. Works on the host and on the device alike.
-    """
+    ``bundle`` may be a transaction's candidate (the version being committed)."""
     import numpy as np
 
-    from ..bundle_write import commit
     from ..session import Runtime
-    from . import DEFAULT_ROUTER, ROUTERS
+    from . import ROUTERS
 
-    bundle = Bundle.open(path)
     rt = Runtime(bundle)
     by_name = {n: (x, y) for n, x, y in data}
     states = {}
@@ -82,8 +78,25 @@ def update_routers(path, data: list[tuple[str, object, object]], names: list[str
         if calib:
             router.calibrate(rt, calib)
         states[name] = router.state()
-    default = bundle.manifest.get("default_router") or (
-        DEFAULT_ROUTER if DEFAULT_ROUTER in states else next(iter(states)))
-    commit(path, model=bundle.model, backbone=None, tasks=[], routers=states,
-           default_router=default)
+    return states
+
+
+def set_routers(tx, states: dict[str, tuple[dict, dict[str, str]]]) -> None:
+    """Put refitted routers into a transaction (and a default router, if it has none)."""
+    from . import DEFAULT_ROUTER
+
+    for name, (arrays, meta) in sorted(states.items()):
+        tx.set_router(name, arrays, meta)
+    if states and not tx.manifest.get("default_router"):
+        tx.manifest["default_router"] = DEFAULT_ROUTER if DEFAULT_ROUTER in states else min(states)
+
+
+def update_routers(path, data: list[tuple[str, object, object]], names: list[str] | None = None) -> dict:
+    """Bring the bundle's routers up to its tasks, as one new bundle version (see
+    :func:`refit`). Works on the host and on the device alike. Returns {name: its tasks}."""
+    from ..bundle_write import Transaction
+
+    with Transaction(path) as tx:
+        states = refit(tx.candidate(), data, names)
+        set_routers(tx, states)
     return {n: s[1]["tasks"].split("\n") for n, s in states.items()}
