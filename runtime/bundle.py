@@ -118,6 +118,9 @@ class Bundle:
         store = open_store(root)
         rel = MANIFEST if version is None else version_file(version)
         if store.size(rel) is None:
+            if version is None and store.size("run.json") is not None:
+                raise BundleError(root, "a training run, not a bundle: write its bundle first "
+                                        f"(edgecl bundle {root} --out BUNDLE)")
             what = "manifest" if version is None else f"version {version}"
             raise BundleError(store.where(rel), f"missing: the bundle has no {what}")
         raw = store.read(rel)

@@ -114,7 +114,7 @@ class Session:
         self._manifest_stamp = self._stamp()
 
     def _stamp(self) -> tuple[int, int]:
-        st = (self.path / MANIFEST).stat()
+        st = (self.path if self.path.is_file() else self.path / MANIFEST).stat()  # a packed bundle: the file
         return st.st_mtime_ns, st.st_size
 
     def reload(self) -> bool:

@@ -66,6 +66,8 @@ def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]
         "fwt": metrics.fwt([t["metrics"].get("before_acc") for t in tasks],
                            [t["metrics"].get("init_acc") for t in tasks]),
         "fwt_source": "host: accuracy before each task was learned vs. at initialization",
+        "fwt_missing": [t["name"] for t in tasks[1:] if t["metrics"].get("before_acc") is None
+                        or t["metrics"].get("init_acc") is None],
         "bits_per_weight_per_task": [t["storage"]["mask_bits_per_weight"] for t in tasks],
         "per_task": [{"name": t["name"], "method": t["method"], "acc": final[i],
                       "host_acc": t["metrics"].get("host_acc"),

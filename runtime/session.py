@@ -161,12 +161,15 @@ class Runtime:
         return np.asarray(active.info["classes"])[idx]
 
 
-def owned_union(bundle: Bundle) -> dict[str, np.ndarray | None]:
-    """Backbone entries owned by any task of the bundle (through each task's kind): by
-    parameter, a flat bool array, or None when a task owns the whole tensor. A learner may
-    change only entries outside it."""
+def owned_union(bundle: Bundle, backbone: str | None = None) -> dict[str, np.ndarray | None]:
+    """Entries of ``backbone`` (default: the main one) owned by any task that runs on it
+    (through each task's kind): by parameter, a flat bool array, or None when a task owns
+    the whole tensor. A learner may change only entries outside it."""
+    backbone = backbone or bundle.main
     out: dict[str, np.ndarray | None] = {}
     for name in bundle.task_names:
+        if bundle.task(name).get("backbone", bundle.main) != backbone:
+            continue
         kind, view = task_view(bundle, name)
         for p, own in kind.owned(view).items():
             if p in out and out[p] is None:

@@ -336,9 +336,12 @@ class TrustStore:
 
     @classmethod
     def from_env(cls, state_file: Path | None = None) -> TrustStore | None:
-        """The trust store at ``$EDGECL_TRUST_STORE``, or None when it is unset or empty."""
+        """The trust store at ``$EDGECL_TRUST_STORE``, or None when it is unset or empty. Its
+        version record is ``$EDGECL_TRUST_STATE`` when set (for a read-only key directory
+        such as /etc/edgecl/trust), else inside the key directory."""
         value = os.environ.get(TRUST_STORE_ENV, "").strip()
-        return cls(Path(value), state_file) if value else None
+        state = state_file or (os.environ.get("EDGECL_TRUST_STATE", "").strip() or None)
+        return cls(Path(value), None if state is None else Path(state)) if value else None
 
     def __repr__(self) -> str:
         return f"TrustStore({str(self.keys_dir)!r}, keys={sorted(self.keys)})"

@@ -283,6 +283,11 @@ def test_the_packed_bundle_gives_byte_identical_logits_and_routes(tmp_path):
     assert _logits(packed, x) == _logits(root, x)
     assert packed.versions() == Bundle.open(root).versions()
     assert load_router(packed).tasks == ["t0", "t1", "t2"]
+    from edgecl.runtime import Session
+
+    s = Session(out, providers=["numpy"])
+    assert s.logits(x, "t1").tobytes() == Runtime(root).logits(x, "t1").tobytes()
+    assert [r for r in s.run(x).task_names] and not s.reload()
     assert not packed.backbone["fc1.weight"].flags.writeable
     with pytest.raises(BundleError, match="read-only"), Transaction(out, key=None):
         pass
@@ -380,3 +385,19 @@ def test_migrate_of_a_new_bundle_and_sign_without_key_are_refused(tmp_path, caps
         migrate(tmp_path / "empty")
 
 
+
+
+def test_the_trust_store_from_the_environment_with_a_separate_version_record(tmp_path, keys, monkeypatch,
+                                                                            capsys):
+    root = make_bundle(tmp_path / "b", key=keys["host"], routers=False)
+    state = tmp_path / "state" / "seen.json"
+    state.parent.mkdir()
+    monkeypatch.setenv("EDGECL_TRUST_STORE", str(keys["trust_dir"]))
+    monkeypatch.setenv("EDGECL_TRUST_STATE", str(state))
+    assert Bundle.open(root).signer == keys["host"].key_id  # the default: the environment's store
+    assert json.loads(state.read_text()) == {Bundle.open(root, trust=None).bundle_id: 2}
+    assert not (keys["trust_dir"] / "seen-versions.json").exists()
+    unsigned = make_bundle(tmp_path / "u", n_tasks=1, routers=False)
+    np.save(tmp_path / "x.npy", np.zeros((1, 16), np.float32))
+    assert cli(["infer", str(unsigned), "--task", "0", "--input", str(tmp_path / "x.npy")]) == 2
+    assert "unsigned" in capsys.readouterr().err

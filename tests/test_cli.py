@@ -12,7 +12,8 @@ import pytest
 from edgecl.tools.cli import main
 
 COMMANDS = ["train", "bundle", "eval", "infer", "inspect", "compile", "bench", "learn", "deploy",
-            "device-test", "demo"]
+            "device-test", "demo", "keygen", "sign", "verify", "log", "gc", "rollback", "pack", "unpack",
+            "migrate"]
 
 
 def test_console_script_help():
@@ -121,3 +122,45 @@ def test_demo_end_to_end(tmp_path):
         row = next(line for line in table.splitlines() if line.strip().startswith(method))
         acc, bwt = row.split()[1:3]
         assert float(acc) >= 0.97 and float(bwt) == 0.0
+
+
+def test_errors_point_at_the_cli_and_say_the_valid_range(tmp_path, trained, capsys):
+    run, bundle = (str(p) for p in trained("supsup"))
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+    err = _err(["infer", bundle, "--task", "7", "--input", str(tmp_path / "x.npy")], capsys)
+    assert "no task 7" in err and "indices 0..4" in err
+    err = _err(["infer", run, "--task", "0", "--input", str(tmp_path / "x.npy")], capsys)
+    assert "a training run, not a bundle" in err and f"edgecl bundle {run} --out BUNDLE" in err
+    # a misspelled backend is a bad argument; a row that cannot run says what to do
+    err = _err(["bench", bundle, "--backends", "numpy,cuda"], capsys)
+    assert "unknown --backends cuda" in err and "choose from" in err
+    err = _err(["bench", bundle, "--backends", "tvm", "--batch", "1", "--seconds", "0.05"], capsys)
+    assert err.startswith("edgecl bench: error: none of the asked --backends could run")
+    assert f"edgecl compile {bundle} --target host" in err
+
+
+def test_infer_reads_a_batch_of_the_models_size_in_c_order_and_says_so(tmp_path, trained, capsys):
+    bundle = str(trained("supsup")[1])
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    np.save(tmp_path / "flat.npy", x)
+    np.save(tmp_path / "img.npy", x.reshape(3, 8, 8))
+    assert main(["infer", bundle, "--task", "1", "--input", str(tmp_path / "flat.npy"), "--json"]) == 0
+    flat = json.loads(capsys.readouterr().out)["logits"]
+    assert main(["infer", bundle, "--task", "1", "--input", str(tmp_path / "img.npy")]) == 0
+    assert "input (3, 8, 8) read as (3, 64)" in capsys.readouterr().err
+    assert main(["infer", bundle, "--task", "1", "--input", str(tmp_path / "img.npy"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["logits"] == flat
+
+
+def test_eval_says_why_fwt_is_not_defined(tmp_path, bundle_copy, capsys):
+    from edgecl.runtime import Bundle
+    from edgecl.runtime.bundle_write import Transaction
+
+    root = bundle_copy("supsup")
+    b = Bundle.open(root)
+    last = dict(b.tasks[-1], metrics=dict(b.tasks[-1]["metrics"], before_acc=None, learned_on="device"))
+    with Transaction(root, key=None) as tx:  # as a task learned on the device records it
+        tx.add_task(last, b.task_tensors(last["name"]), supersede=True)
+    assert main(["eval", str(root), "--data", "split-digits"]) == 0
+    out = capsys.readouterr().out
+    assert "FWT -" in out and f"FWT not defined: {last['name']} has no accuracy measured before" in out

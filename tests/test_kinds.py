@@ -279,3 +279,29 @@ def test_a_bit_mask_from_the_method_encoder_equals_pack_bits():
     m = RNG.random(s.shape) < 0.3
     encoded = get_kind("weight_bits").encode({f"mask.{s.node}": m}, g)
     assert np.array_equal(encoded[f"mask.{s.node}"], pack_bits(m))
+
+
+def test_a_task_names_its_backbone(kinds_bundle, tmp_path):
+    """Two backbones of one graph (a spawned model, say): each task runs on its own, and
+    what one backbone's tasks own does not constrain the other."""
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(kinds_bundle, root)
+    g = Bundle.open(root).graph
+    second = {p.name: _f32(*p.shape) for p in g.params.values()}
+    extra, tensors = _parts("weight_bits", g)
+    with Transaction(root, key=None) as tx:
+        tx.add_backbone("spawn-1", second, graph="main")
+        tx.add_task({"name": "on-spawn", "kind": "weight_bits", "classes": [0, 1, 2], "n_classes": 3,
+                     "method": "test", "metrics": {}, "backbone": "spawn-1"}, {**tensors, **_head()})
+    b = Bundle.open(root)
+    a = activate(b, "on-spawn")
+    keep = np.unpackbits(tensors["mask.fc1"], bitorder="little")[: 24 * 12].reshape(24, 12) == 1
+    assert a.params["fc1.weight"].tobytes() == np.where(keep, second["fc1.weight"], np.float32(0)).tobytes()
+    assert a.params["fc1.bias"].tobytes() == second["fc1.bias"].tobytes()
+    assert np.array_equal(owned_union(b, "spawn-1")["fc1.weight"], keep.reshape(-1))
+    assert owned_union(b)["fc1.weight"] is None  # the main backbone: its LoRA task owns it all
+    x = RNG.random((3, 12), dtype=np.float32)
+    want = Runtime(kinds_bundle).logits(x, "t-weight_bits").tobytes()
+    assert Runtime(b).logits(x, "t-weight_bits").tobytes() == want

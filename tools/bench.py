@@ -690,10 +690,25 @@ def _batches(value: str | None, default: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from edgecl.runtime.errors import EdgeclError
+
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
+    unknown = [b for b in backends if b not in ROWS]
+    if unknown or not backends:  # a misspelled row is a bad argument, not a row to skip
+        raise EdgeclError(f"unknown --backends {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(ROWS)}")
+    skipped: list[str] = []
+
+    def log(line: str) -> None:
+        print(line)
+        if ": skipped (" in line:
+            skipped.append(line)
+
     rows = run_bench(args.bundle, backends, _batches(args.batch, "1,32"), args.json, args.plot,
-                     iters=args.iters, seconds=args.seconds or 2.0)
-    return 0 if rows else 1
+                     iters=args.iters, seconds=args.seconds or 2.0, log=log)
+    if not rows:
+        raise EdgeclError("none of the asked --backends could run on this bundle: " + "; ".join(skipped))
+    return 0
 
 
 def zoo_or(cmd):

@@ -209,6 +209,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fwt = "-" if result["fwt"] is None else f"{result['fwt']:+.4f}"
     bwt = "-" if result["bwt"] is None else f"{result['bwt']:+.4f}"
     print(f"ACC {result['acc']:.4f}   BWT {bwt}   FWT {fwt}")
+    if result["fwt"] is None and result["fwt_missing"]:
+        print(f"FWT not defined: {', '.join(result['fwt_missing'])} has no accuracy measured before it "
+              "was learned and at initialization (learned on the device, or by a method that records none)")
     print(tables.render(
         ["task", "method", "acc", "mask bits/weight", "bits/weight (with head)", "bytes"],
         [[p["name"], p["method"], f"{p['acc']:.3f}", f"{p['mask_bits_per_weight']:.4f}",
@@ -244,9 +247,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise EdgeclError(str(e)) from e
     shape = s.input_shape
+    reshaped = None
     if x.ndim >= 2 and x.shape[1:] != shape and x.shape != shape \
             and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
-        x = x.reshape(len(x), *shape)  # e.g. 8x8 images for a 64-input MLP
+        # the documented rule (--input's help): a batch whose samples hold the model's number of
+        # values is read in C order as the model's input shape, e.g. 8x8 images for a 64-input MLP
+        reshaped = x.shape
+        x = x.reshape(len(x), *shape)
+        if not args.json:
+            print(f"input {reshaped} read as {x.shape} (same values per sample, C order)", file=sys.stderr)
     if args.task is None:
         return _infer_routed(s, x, args)
     logits = s.logits(x, args.task)
@@ -439,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threshold", type=float, default=0.5,
                    help="confidence below which an input is reported unknown (default 0.5)")
     i.add_argument("--fallback", help="task to use for unknown inputs instead of 'unknown'")
-    i.add_argument("--input", required=True, help=".npy array: a batch of inputs")
+    i.add_argument("--input", required=True,
+                   help=".npy array: a batch of inputs [N, *input shape]; a batch whose samples hold as many "
+                        "values as the input (e.g. [N, 8, 8] for a 64-input MLP) is read in C order as "
+                        "[N, *input shape]; any other shape is refused")
     i.add_argument("--json", action="store_true", help="print predictions and logits as JSON")
     i.add_argument("--backend", help="providers to try in order, e.g. onnxruntime,numpy "
                                      "(default: the fastest available)")

@@ -29,7 +29,7 @@ class OnnxRuntimeBackend(Backend):
         if not has_module("onnxruntime"):
             return "the onnxruntime package is not installed"
         if bundle is not None and "onnx" not in bundle.manifest.get("exports", {}):
-            return "the bundle holds no ONNX export (run: edgecl compile BUNDLE --target host)"
+            return f"the bundle holds no ONNX export (run: edgecl compile {bundle.root} --target host)"
         return None
 
     def _activate(self, info: dict) -> None:

@@ -117,8 +117,7 @@ class TfliteBackend(Backend):
         if bundle is not None:
             exp = bundle.manifest.get("exports", {}).get("tflite")
             if exp is None:
-                return ("the bundle holds no TFLite export "
-                        "(run edgecl.compiler.tflite_export.export_bundle, or edgecl compile)")
+                return f"the bundle holds no TFLite export (run: edgecl compile {bundle.root} --target host)"
             if exp.get("unavailable"):
                 return exp["unavailable"]
         return None

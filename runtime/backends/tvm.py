@@ -136,7 +136,7 @@ class TvmBackend(Backend):
             target = _pick_target(bundle, None)
             if target is None:
                 return (f"the bundle holds no TVM library for this machine ({platform.machine()}): "
-                        "run edgecl.compiler.tvm_build.compile_bundle")
+                        f"run: edgecl compile {bundle.root} --target host")
             return _entry_problem(bundle.manifest["targets"][target])
         return None
 
