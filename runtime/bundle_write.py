@@ -134,6 +134,7 @@ class Transaction:
             self.previous = _read_previous(self.root)
             self.manifest = new_manifest_version(self.previous)
             self.files: dict[str, bytes] = {}
+            self._digests: dict[str, str] = {}  # sha256 already computed while staging
             self.parts: list[str] = []
             self.superseded: list[dict] = []
             self._backbones: dict[str, Mapping[str, np.ndarray]] = {}
@@ -245,6 +246,7 @@ class Transaction:
         index = old["index"] if old is not None else len(m["tasks"])
         digest = hashlib.sha256(data).hexdigest()
         rel = f"tasks/{index:03d}-{safe_name(name)}-{digest[:8]}.safetensors"
+        self._digests[rel] = digest
         full = dict(entry, index=index, file=rel, kind=kind.name, graph=graph_name, backbone=backbone,
                     depends=deps, revision=1 if old is None else int(old.get("revision", 1)) + 1,
                     storage=kind.storage(tensors, graph, len(data)))
@@ -289,7 +291,8 @@ class Transaction:
             path = self.root / rel
             if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
                 atomic_write_bytes(path, data)
-            m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            digest = self._digests.get(rel) or hashlib.sha256(data).hexdigest()
+            m["files"][rel] = {"sha256": digest, "bytes": len(data)}
         entry = {"version": m["version"], "created_utc": m["created_utc"], "parts": self.parts}
         if self.superseded:
             entry["superseded"] = self.superseded

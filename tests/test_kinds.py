@@ -305,3 +305,10 @@ def test_a_task_names_its_backbone(kinds_bundle, tmp_path):
     x = RNG.random((3, 12), dtype=np.float32)
     want = Runtime(kinds_bundle).logits(x, "t-weight_bits").tobytes()
     assert Runtime(b).logits(x, "t-weight_bits").tobytes() == want
+
+
+def test_every_kind_can_take_a_new_head_on_the_device():
+    """The learner's hook: ``head`` learns a head on any task's parameters; only weight bits
+    are also made by the mask learners."""
+    assert all("head" in k.learners for k in KINDS.values())
+    assert {n for n, k in KINDS.items() if "supsup" in k.learners} == {"weight_bits"}

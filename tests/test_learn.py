@@ -5,8 +5,11 @@ torch blocked."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -737,15 +740,17 @@ def test_supsup_step_runs_on_the_exact_supermask_of_its_scores():
 
 
 # ------------------------------------------------------------------ any graph, a frozen prefix
-def _graph_bundle(root: Path, graph: Graph, method: str, n_tasks: int = 2) -> Path:
-    """A bundle of ``graph`` with ``n_tasks`` tasks of random masks (PackNet: nested, each
-    owning a disjoint fifth of every site) and heads, written by the bundle writer."""
+def _graph_bundle(root: Path, graph: Graph, method: str, n_tasks: int = 2,
+                  weights: dict[str, np.ndarray] | None = None) -> Path:
+    """A bundle of ``graph`` (on ``weights``, default random ones) with ``n_tasks`` tasks of
+    random masks (PackNet: nested, each owning a disjoint fifth of every site) and heads,
+    written by the bundle writer."""
     from edgecl.runtime.bundle_write import commit
     from edgecl.runtime.graph import model_entry
     from edgecl.runtime.masks import pack_bits
 
     rng = np.random.default_rng(11)
-    backbone = _params(graph, 5)
+    backbone = _params(graph, 5) if weights is None else weights
     owner = {s.node: rng.integers(0, 5, int(np.prod(s.shape))) for s in graph.mask_sites()}
     for t in range(n_tasks):
         tensors = {"head.weight": rng.standard_normal((2, graph.feature_dim)).astype(np.float32),
@@ -846,3 +851,250 @@ def test_auto_step_falls_back_to_numpy_when_the_compiled_step_is_unusable(monkey
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     with pytest.raises(KeyError):  # asked for by name: no fallback
         run(trainer.select_step(None, "tvm")[1])
+
+
+# ------------------------------------------------------------------ the methods' registry
+def test_learning_methods_are_one_registry_consistent_with_the_task_kinds():
+    """Every method a task kind names as its learner is registered; a method that makes a
+    kind of its own is named by that kind; the CLI offers exactly the registry; and no
+    module of the learner compares against a method's name or keys a table by it (the
+    string switches are gone: what a method differs in is its class)."""
+    import argparse
+    import ast
+
+    from edgecl.runtime.kinds import KINDS
+    from edgecl.runtime.learn.methods import LEARN_METHODS
+    from edgecl.tools import learn_cmd
+
+    for kind in KINDS.values():
+        assert set(kind.learners) <= set(LEARN_METHODS), (kind.name, kind.learners)
+    for name, m in LEARN_METHODS.items():
+        assert m.name == name
+        if m.produces is not None:
+            assert name in KINDS[m.produces].learners, (name, m.produces)
+    p = argparse.ArgumentParser()
+    learn_cmd.add_arguments(p)
+    (action,) = [a for a in p._actions if a.dest == "method"]
+    assert list(action.choices) == list(LEARN_METHODS)
+
+    root = Path(L.__file__).parent
+    files = [root / f"{m}.py" for m in ("trainer", "learner", "child", "planner")]
+    files.append(Path(learn_cmd.__file__))
+    names = set(LEARN_METHODS)
+
+    def named(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names or (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts))
+
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                assert not any(named(n) for n in [node.left, *node.comparators]), (path.name, node.lineno)
+            if isinstance(node, ast.Dict):
+                assert not any(named(k) for k in node.keys if k is not None), (path.name, node.lineno)
+
+
+_QUARTER = """
+from edgecl.runtime.kinds import KINDS
+from edgecl.runtime.learn import methods
+
+class Quarter(methods.SupSup):
+    name = "quarter"
+    defaults = {"epochs": 1, "lr": 1e-2, "density": 0.25}
+
+methods.LEARN_METHODS["quarter"] = Quarter()
+"""
+
+
+def test_a_new_method_is_one_class_and_the_kind_decides_whether_it_may_learn(monkeypatch, tmp_path):
+    """A method added to the registry (here SupSup keeping a quarter of each site) runs
+    through the learner, its child included, with its own defaults; the learner refuses it
+    while the task kind it makes does not name it (nothing is written), and learns once it
+    does."""
+    from edgecl.runtime.learn import methods
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_QUARTER)  # every process: the learner and its children
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    exec(_QUARTER, {})
+    graph = _mobile_graph()
+    root = _graph_bundle(tmp_path / "b", graph, "supsup")
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "s.npz", x=rng.random((24, *graph.input_shape), dtype=np.float32),
+             y=rng.integers(3, 5, 24))
+    snap = _all_bytes(root)
+    kw = dict(holdout=0.0, quiet=True, routers=False, step_backend="numpy", train_last=2)
+    try:
+        refused = (r"--method quarter cannot make a task of kind 'weight_bits' "
+                   r"\(that kind is learned on the device by: supsup, packnet, head\)")
+        with pytest.raises(LearnError, match=refused):
+            learn(root, "new", tmp_path / "s.npz", method="quarter", **kw)
+        assert _all_bytes(root) == snap
+        code = textwrap.dedent("""
+            import json, sys
+            from edgecl.runtime.kinds import KINDS
+            from edgecl.runtime.learn import learn
+            kind = type(KINDS["weight_bits"])
+            kind.learners = (*kind.learners, "quarter")
+            r = learn(sys.argv[1], "new", sys.argv[2], method="quarter", **json.loads(sys.argv[3]))
+            print(json.dumps({"status": r["status"], "hparams": r["hparams"]}))
+        """)
+        p = subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path / "s.npz"), json.dumps(kw)],
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        methods.LEARN_METHODS.pop("quarter", None)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r == {"status": "committed", "hparams": {"epochs": 1, "lr": 1e-2, "density": 0.25}}
+    b = Bundle.open(root)
+    assert b.task("new")["method"] == "quarter" and b.task("new")["kind"] == "weight_bits"
+    from edgecl.runtime.masks import unpack_bits
+
+    for s in graph.mask_sites()[-2:]:
+        n = int(np.prod(s.shape))
+        assert int(unpack_bits(b.task_tensors("new")[f"mask.{s.node}"], (n,)).sum()) == round(n * 0.25)
+
+
+# ------------------------------------------------------------------ the plan vs what the child maps
+def _within_plan(r: dict) -> None:
+    """The child's peak RSS is within the bare child's (the probe: interpreter, numpy,
+    the kernels; not planned) plus the plan's child share, and the plan is not loose
+    beyond 2x what the learning added plus the slack."""
+    share = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+    child = r["plan"]["child"]
+    mib = 1 << 20
+    plan = {k: f"{v / mib:.1f}" for k, v in r["plan"].items() if k != "batch_size"}
+    print(f"peak RSS {r['peak_rss_bytes'] / mib:.1f} MiB = bare child {r['baseline_rss_bytes'] / mib:.1f} + "
+          f"{share / mib:.1f}; plan (MiB, batch {r['batch_size']}): {plan}")
+    assert 0 < share <= child, (share, child)
+    assert child - planner.SLACK <= 2 * share, (share, child)
+    assert r["plan_bytes"] == r["plan"]["total"] >= r["plan"]["parent"] + child
+
+
+@pytest.mark.parametrize("model", ["mlp", "mobilenet-v2"])
+def test_the_plan_bounds_the_childs_peak_rss(model, four, digits, tmp_path):
+    """Numpy step: the default MLP on Split-Digits task 5, and MobileNetV2 (0.35, 96x96,
+    every site trained: its activations are most of the child)."""
+    if model == "mlp":
+        root, data, kw = four("supsup"), _samples(tmp_path, digits.tasks[4]), {"epochs": 2}
+    else:
+        pytest.importorskip("torch")
+        from edgecl.models.importer import import_model
+
+        graph, weights = import_model("mobilenet-v2", zoo_kwargs={"width": 0.35, "input_size": 96})
+        root = _graph_bundle(tmp_path / "b", graph, "supsup", weights=weights)
+        rng = np.random.default_rng(0)
+        data = tmp_path / "s.npz"
+        np.savez(data, x=rng.random((40, *graph.input_shape), dtype=np.float32), y=rng.integers(0, 3, 40))
+        kw = {"epochs": 1, "batch_size": 16}
+    r = learn(root, "new", data, method="supsup", holdout=0.0, quiet=True, step_backend="numpy", **kw)
+    assert r["status"] == "committed" and r["step_backend"] == "numpy" and r["plan"]["step_runtime"] == 0
+    _within_plan(r)
+
+
+@pytest.mark.slow
+def test_the_plan_counts_the_compiled_steps_runtime(tmp_path):
+    """With the bundle's TVM training step, a probe child measures what loading and running
+    it adds (the TVM runtime, the library, its workspace): the plan counts it, and the
+    child's peak RSS stays within it — which the plan without that term would not bound.
+    The probe and the child hash no file (:func:`_counted_learn`)."""
+    pytest.importorskip("tvm")
+    from edgecl.compiler.tvm_build import compile_bundle
+
+    graph = _graph("mlp")
+    root = _graph_bundle(tmp_path / "b", graph, "supsup")
+    compile_bundle(root, "host")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", x=rng.random((96, *graph.input_shape), dtype=np.float32),
+             y=rng.integers(0, 3, 96))
+    r = _counted_learn(tmp_path, root, "new", tmp_path / "s.npz", method="supsup", epochs=2, holdout=0.0)
+    assert r["status"] == "committed" and r["step_backend"] == "tvm"
+    step = r["step_probe"]
+    assert step["backend"] == "tvm" and "error" not in step and r["plan"]["step_runtime"] == step["rss"] > 0
+    _within_plan(r)
+    share = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+    assert share > r["plan"]["child"] - r["plan"]["step_runtime"]
+
+
+# ------------------------------------------------------------------ one verification, canaries once
+_HASH_LOG = """
+import hashlib, os
+_real, _log = hashlib.sha256, os.environ["EDGECL_TEST_HASH_LOG"]
+class _Counted:
+    def __init__(self, *a, **k):
+        self._h = _real(*a, **k)
+    def update(self, data):
+        self._h.update(data)
+    def _done(self, hexd):
+        with open(_log, "a") as f:
+            f.write(f"{os.getpid()} {hexd}\\n")
+    def hexdigest(self):
+        d = self._h.hexdigest()
+        self._done(d)
+        return d
+    def digest(self):
+        d = self._h.digest()
+        self._done(d.hex())
+        return d
+    def __getattr__(self, name):
+        return getattr(self._h, name)
+hashlib.sha256 = _Counted
+"""
+
+
+_COUNTED_LEARN = """
+import json, os, sys
+import numpy as np
+from edgecl.runtime import executor
+from edgecl.runtime.learn import learn, learner
+seen, calls = [], []
+inputs, forward = learner.canary_inputs, executor.forward
+def canary_inputs(*a, **k):
+    seen.append(inputs(*a, **k))
+    return seen[-1]
+def counted(graph, params, head, x, *a, **k):  # canary rows run
+    calls.append(len(x) if seen and np.shares_memory(x, seen[0]) else 0)
+    return forward(graph, params, head, x, *a, **k)
+learner.canary_inputs, executor.forward = canary_inputs, counted
+r = learn(sys.argv[1], sys.argv[2], sys.argv[3], quiet=True, **json.loads(sys.argv[4]))
+print(json.dumps({"pid": os.getpid(), "canary_rows": sum(calls), "canaries": len(seen[0]), "report": r}))
+"""
+
+
+def _counted_learn(tmp_path: Path, root: Path, task: str, data: Path, **kw) -> dict:
+    """``learn()`` in a process of its own whose every process (the learner, the probe, the
+    learning child) logs each sha256 it finishes; checks that each file of the bundle as it
+    stood was hashed exactly once in all, by the learner (the open's verification), and
+    that the canaries ran once per old task before learning and once on the candidate.
+    Returns the report."""
+    before = Bundle.open(root)
+    files = {rel: info["sha256"] for rel, info in before.manifest["files"].items()}
+    site = tmp_path / "hash-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_HASH_LOG)
+    log = tmp_path / "hashes.txt"
+    log.write_text("")
+    env = dict(os.environ, PYTHONPATH=str(site), EDGECL_TEST_HASH_LOG=str(log))
+    p = subprocess.run([sys.executable, "-c", _COUNTED_LEARN, str(root), task, str(data), json.dumps(kw)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    by_digest: dict[str, list[str]] = {}
+    for pid, digest in (line.split() for line in log.read_text().splitlines()):
+        by_digest.setdefault(digest, []).append(pid)
+    for rel, digest in files.items():
+        assert by_digest.get(digest) == [str(out["pid"])], (rel, by_digest.get(digest))
+    assert out["canary_rows"] == 2 * len(before.task_names) * out["canaries"]
+    return out["report"]
+
+
+def test_one_learn_hashes_each_file_once_and_runs_the_canaries_once_per_side(four, digits, tmp_path):
+    """See :func:`_counted_learn`: PackNet (a new backbone) with the routers refitted. (With
+    the compiled step and its probe child: ``test_the_plan_counts_the_compiled_steps_runtime``.)"""
+    bundle = four("packnet")
+    files = Bundle.open(bundle).manifest["files"]
+    assert Bundle.open(bundle).backbone_file() in files and any(r.startswith("routers/") for r in files)
+    r = _counted_learn(tmp_path, bundle, "digits-8-9", _samples(tmp_path, digits.tasks[4]), method="packnet",
+                       epochs=1, step_backend="numpy")
+    assert r["status"] == "committed" and r["backbone_changed"]

@@ -84,7 +84,8 @@ for s in graph.mask_sites():
 x = rng.random((1024, 64), dtype=np.float32)
 y = rng.integers(0, classes, 1024)
 hp = {"lr": 1e-3, "density": 0.5, "epochs": 1, "retrain_epochs": 1, "prune": 0.5}
-p = trainer.Problem(graph, backbone, old if method == "packnet" else {}, x, y, classes, method, hp, batch, 0)
+m = trainer.get_method(method)
+p = trainer.Problem(graph, backbone, old if m.needs_owned else {}, x, y, classes, m, hp, batch, 0)
 s = p.initial()
 idx = [rng.integers(0, 1024, batch) for _ in range(steps + 10)]
 for i in range(10):

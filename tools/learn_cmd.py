@@ -15,11 +15,14 @@ EXIT_PAUSED = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edgecl.runtime.learn.methods import LEARN_METHODS, site_trainers
+
+    sources = " or ".join(n for n, m in LEARN_METHODS.items() if m.needs_source)
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--task", required=True, help="the new task's name (as its stream names it, "
                                                  "e.g. digits-8-9)")
     p.add_argument("--data", required=True, help=".npz with x [N, ...] and y [N] (global labels)")
-    p.add_argument("--method", required=True, choices=["supsup", "packnet", "head"])
+    p.add_argument("--method", required=True, choices=list(LEARN_METHODS))
     p.add_argument("--epochs", type=int, help="default: the host method's (30)")
     p.add_argument("--ram-mb", type=float, default=256.0,
                    help="RAM budget in MiB (plan + hard address-space limit above a bare child; "
@@ -34,14 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the samples held out for the report's accuracy (default 0.1)")
     p.add_argument("--meter", default="auto", choices=["auto", "rapl", "ina3221", "pmic", "model"],
                    help="energy meter (auto: the first real one present, else the CPU-time model)")
-    p.add_argument("--source-task", help="--method head: the task whose mask gives the features "
+    p.add_argument("--source-task", help=f"--method {sources}: the task whose mask gives the features "
                                          "(default: the newest)")
     p.add_argument("--step", default="auto", choices=["auto", "numpy", "tvm"],
                    help="training step: the bundle's compiled TVM step for this machine, or numpy "
                         "(auto: tvm when the bundle has one, else numpy)")
     p.add_argument("--train-last", type=int, metavar="K",
-                   help="supsup/packnet: train only the last K mask sites and the head; earlier sites "
-                        "are frozen and run forward only (default: all)")
+                   help=f"{'/'.join(site_trainers())}: train only the last K mask sites and the head; "
+                        "earlier sites are frozen and run forward only (default: all)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -45,12 +45,25 @@ def _param(params: Mapping, name: str):
     raise KeyError(f"params lacks {name!r} (the train step takes every backbone parameter by its graph name)")
 
 
+def train_step_entry(bundle: Bundle, target: str | None = None) -> tuple[str | None, dict | None]:
+    """(the target, its manifest ``train_step`` entry) for ``target`` (None: this
+    machine's); the entry is None when the bundle holds no built step for it."""
+    name = _pick_target(bundle, target)
+    entry = (bundle.manifest.get("targets", {}).get(name) or {}).get("train_step") if name else None
+    return name, entry
+
+
+def has_train_step(bundle: Bundle, target: str | None = None) -> bool:
+    """Whether the bundle holds a built training step for ``target`` (None: this machine)."""
+    entry = train_step_entry(bundle, target)[1]
+    return bool(entry) and "file" in entry
+
+
 class TrainStep:
     """``step(x, y, params, head) -> (loss, grads)``; see the module docstring."""
 
     def __init__(self, bundle: Bundle, target: str | None = None) -> None:
-        name = _pick_target(bundle, target)
-        entry = (bundle.manifest.get("targets", {}).get(name) or {}).get("train_step") if name else None
+        name, entry = train_step_entry(bundle, target)
         if not entry or "file" not in entry:
             why = (entry or {}).get("status", "run edgecl.compiler.tvm_build.compile_bundle")
             raise BackendUnavailable(f"the bundle holds no TVM train step for "

@@ -64,7 +64,8 @@ class TaskKind(ABC):
     prefixes: ClassVar[tuple[str, ...]] = ()
     # On-device learning methods that produce a task of this kind (the learner's hook):
     # ``edgecl learn --method M`` is offered for a bundle only where M is listed here.
-    learners: ClassVar[tuple[str, ...]] = ()
+    # ``head`` (a new head on an existing task's parameters) works for every kind.
+    learners: ClassVar[tuple[str, ...]] = ("head",)
     # Whether the task runs on the backbone's own graph (compiled artifacts apply), or on
     # a graph of its own (added modules): then only backends that run that graph do.
     same_graph: ClassVar[bool] = True

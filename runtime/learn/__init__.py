@@ -3,5 +3,7 @@ RAM budget (planned, then enforced in a child with ``RLIMIT_AS``) and an energy 
 (metered; checkpoint, pause, resume). Never imports torch. See ``docs/learning.md``."""
 
 from .learner import METHODS, ForgettingError, LearnError, RamBudgetError, learn
+from .methods import LEARN_METHODS, LearnMethod, get_method
 
-__all__ = ["learn", "METHODS", "LearnError", "RamBudgetError", "ForgettingError"]
+__all__ = ["learn", "METHODS", "LEARN_METHODS", "LearnMethod", "get_method", "LearnError", "RamBudgetError",
+           "ForgettingError"]

@@ -8,8 +8,14 @@ writes ``JOB_DIR/result.json`` (+ ``result.safetensors`` when done). Exit codes:
 (the address-space limit was hit), 1 any other error. It imports no torch.
 
 ``--probe`` imports everything a real child imports, runs a BLAS call (so OpenBLAS'
-threads and buffers exist) and prints the address space in bytes (``VmPeak``): the
-baseline the parent adds the budget to.
+threads and buffers exist) and prints the address space in bytes (``VmPeak``, the
+baseline the parent adds the budget to) and the peak RSS (``VmHWM``: what the plan does
+not count). ``--probe --tvm-step BUNDLE VERSION`` then also loads the bundle's compiled
+training step for this machine, as the child would, and runs it twice: the growth of the
+peak RSS and of the address space past that baseline (the backbone already paged in, as
+the plan's ``weights`` count it) is the step's share — the TVM runtime and the library
+mapped, its workspace, its aligned copies of the parameters (``step``, or ``step.error``
+when it cannot load or run).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ... import kernels
 from ..bundle import Bundle
 from ..session import activate, owned_union
 from . import energy, trainer
+from .methods import get_method
 from .progress import Progress, peak_rss_bytes
 
 EXIT_DONE, EXIT_ERROR, EXIT_PAUSED, EXIT_MEMORY = 0, 1, 3, 4
@@ -40,12 +47,50 @@ def vm_bytes(key: str = "VmPeak") -> int:
     return 0
 
 
-def probe() -> int:
+def _reset_peak_rss() -> bool:
+    """VmHWM back to the current RSS (Linux: ``clear_refs`` 5), so a later peak is the
+    probe's own; False where that is not possible (the peak then may include earlier ones:
+    a larger, still safe, share)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_tvm_step(path: str, version: int) -> dict:
+    """The compiled training step's share of a child (see the module docstring)."""
+    from ..backends.tvm_train import load_train_step
+
+    bundle = Bundle.open(path, version=version, verify=False)  # the parent verified it
+    graph = bundle.graph
+    params = {n: bundle.backbone[n] for n in graph.params}
+    for a in params.values():  # paged in: that is the plan's ``weights``, not the step's
+        np.add.reduce(a.reshape(-1))
+    rss0, size0 = vm_bytes("VmRSS"), vm_bytes("VmSize")
+    exact = _reset_peak_rss()
+    step = load_train_step(bundle)
+    classes = min(2, step.head_rows)
+    head = (np.zeros((classes, graph.feature_dim), np.float32), np.zeros(classes, np.float32))
+    x = np.zeros((1, *graph.input_shape), np.dtype(graph.input.dtype))
+    for _ in range(2):  # the second call on the VM's pooled memory, as every later step
+        step(x, np.zeros(1, np.int64), params, head)
+    return {"backend": "tvm", "rss": max(0, vm_bytes("VmHWM") - rss0),
+            "address_space": max(0, vm_bytes("VmPeak") - size0), "exact_peak": exact}
+
+
+def probe(tvm_step: tuple[str, int] | None = None) -> int:
     a = np.ones((256, 256), dtype=np.float32)
     (a @ a).sum()
     kernels.popcount(np.ones(8, dtype=np.uint8))
-    print(json.dumps({"vm_peak": vm_bytes("VmPeak"), "vm_size": vm_bytes("VmSize"),
-                      "rss_peak": peak_rss_bytes()}))
+    out = {"vm_peak": vm_bytes("VmPeak"), "vm_size": vm_bytes("VmSize"), "rss_peak": peak_rss_bytes()}
+    if tvm_step is not None:
+        try:
+            out["step"] = probe_tvm_step(*tvm_step)
+        except Exception as e:  # noqa: BLE001 - the child falls back (auto) or fails (tvm) alike
+            out["step"] = {"backend": "tvm", "error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(out))
     return 0
 
 
@@ -63,13 +108,15 @@ def main(job_dir: Path) -> int:
             waste[::512] = 2.0
         with np.load(job_dir / "samples.npz") as z:
             x, y = z["x"], z["y"]
+        # the parent verified every file's sha256; files are immutable and content-addressed
         bundle = Bundle.open(job["bundle"], version=job["version"], verify=False)
-        old = owned_union(bundle) if job["method"] == "packnet" else {}
+        method = get_method(job["method"])
+        old = owned_union(bundle) if method.needs_owned else {}
         source, src_params, graph = None, None, bundle.graph
-        if job["method"] == "head":  # a new head on an existing task's parameters, whatever its kind
+        if method.needs_source:  # a new head on an existing task's parameters, whatever its kind
             active = activate(bundle, job["source_task"])
             source, src_params, graph = bundle.task_tensors(job["source_task"]), active.params, active.graph
-        prob = trainer.Problem(graph, bundle.backbone, old, x, y, job["n_classes"], job["method"],
+        prob = trainer.Problem(graph, bundle.backbone, old, x, y, job["n_classes"], method,
                                job["hp"], job["batch_size"], job["seed"], source,
                                train_last=job.get("train_last"), prefix_cache=bool(job.get("prefix_cache")),
                                source_params=src_params)
@@ -133,4 +180,6 @@ def main(job_dir: Path) -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--probe"]:
         sys.exit(probe())
+    if sys.argv[1:3] == ["--probe", "--tvm-step"] and len(sys.argv) == 5:
+        sys.exit(probe((sys.argv[3], int(sys.argv[4]))))
     sys.exit(main(Path(sys.argv[1])))

@@ -3,18 +3,23 @@
     from edgecl.runtime.learn import learn
     report = learn("bundle/", "digits-8-9", "samples.npz", method="supsup", ram_mb=64)
 
-1. Read the samples (``x``, ``y`` global labels; ``classes`` = sorted unique ``y``) and
-   hold out a seeded split for the report's accuracy.
+1. Open the bundle: the one check of every file's sha256 in a learning (the child, the
+   probe, the runtimes and the transaction read the files this check covered: they are
+   immutable and content-addressed). Read the samples (``x``, ``y`` global labels;
+   ``classes`` = sorted unique ``y``) and hold out a seeded split for the report's accuracy.
+   What the method (``--method``) differs in is its :class:`.methods.LearnMethod`.
 2. Plan the RAM (:mod:`.planner`): pick the largest batch <= ``batch_size`` that fits
    ``ram_mb``, or refuse with the minimum; keep the frozen prefix's output per sample
-   (the prefix cache) when that still fits.
-3. Compute every old task's logits on canary inputs through the runtime.
-4. Learn in a child process with ``RLIMIT_AS`` = baseline of a bare child + budget
-   (:mod:`.child`); it draws on the energy budget and checkpoints when it is spent.
+   (the prefix cache) when that still fits. When the bundle's compiled training step may
+   run, a probe child measures its share first.
+3. Compute every old task's logits on canary inputs through the runtime (once).
+4. Learn in a child process with ``RLIMIT_AS`` = baseline of a bare child + the child's
+   part of the budget (:mod:`.child`); it draws on the energy budget and checkpoints when
+   it is spent.
 5. Verify on the candidate (new backbone + old masks, in memory, through the runtime's
-   own activation) that every old task's canary logits are byte-identical; refuse
-   otherwise. Then commit one new version (``bundle_write.commit``), and update the
-   routers with the new task's data only (another version).
+   own activation) that every old task's canary logits are byte-identical (once more,
+   the only other pass); refuse otherwise. Then refit the routers on the candidate with
+   the new task's data only, and commit the task and the routers as one version.
 """
 
 from __future__ import annotations
@@ -39,11 +44,16 @@ from ..kinds import get_kind
 from ..samples import read_labelled_npz
 from ..session import Runtime, owned_union
 from . import planner, trainer
+from .methods import LEARN_METHODS, LearnMethod, site_trainers
 
-METHODS = ("supsup", "packnet", "head")
+METHODS = tuple(LEARN_METHODS)
 WORK_DIR = ".learn"
 MiB = 1 << 20
 AS_SLACK = 16 * MiB  # allocator arenas and page rounding above the measured baseline
+# Canaries run this many rows at a time: the parent's forward then holds one such batch's
+# activations (a 64-row batch through MobileNetV2 was more than the child's whole step).
+# Before and after run the same batches, so their bytes compare exactly.
+CANARY_BATCH = 16
 
 
 class LearnError(EdgeclError):
@@ -74,13 +84,43 @@ def _child_env() -> dict:
     return env
 
 
-def baseline_address_space() -> int:
-    """VmPeak of a bare child that imported what the learner imports and ran BLAS."""
-    r = subprocess.run([sys.executable, "-m", "edgecl.runtime.learn.child", "--probe"],
-                       capture_output=True, text=True, env=_child_env(), timeout=120)
+def probe_child(tvm_step: Bundle | None = None) -> dict:
+    """A bare child that imported what the learner imports and ran BLAS: its ``vm_peak``
+    (address space) and ``rss_peak``; with ``tvm_step``, also the share of that bundle's
+    compiled training step (``step``: ``rss``, ``address_space``, or ``error``)."""
+    cmd = [sys.executable, "-m", "edgecl.runtime.learn.child", "--probe"]
+    if tvm_step is not None:
+        cmd += ["--tvm-step", str(Path(tvm_step.root).resolve()), str(tvm_step.version)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
     if r.returncode != 0:
         raise LearnError(f"cannot start the learning child: {r.stderr.strip()[-500:]}")
-    return int(json.loads(r.stdout.strip().splitlines()[-1])["vm_peak"])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def baseline_address_space() -> int:
+    """VmPeak of a bare child that imported what the learner imports and ran BLAS."""
+    return int(probe_child()["vm_peak"])
+
+
+def _may_run_tvm_step(bundle: Bundle, step_backend: str) -> bool:
+    """Whether the child may take the bundle's compiled step (then the plan counts it)."""
+    if step_backend not in ("auto", "tvm"):
+        return False
+    from ..backends.tvm_train import has_train_step
+
+    try:
+        return has_train_step(bundle)
+    except Exception:  # noqa: BLE001 - no usable target: the numpy step
+        return False
+
+
+def _trainable(bundle: Bundle, m: LearnMethod, n_classes: int, hp: dict, seed: int,
+               train_last: int | None) -> list[str]:
+    """The sites the child will train (the method's choice, on the old tasks' union)."""
+    owned = owned_union(bundle) if m.needs_owned else {}
+    one = np.zeros((1, *bundle.graph.input_shape), np.float32)
+    return trainer.Problem(bundle.graph, bundle.backbone, owned, one, np.zeros(1, np.int64), n_classes,
+                           m, hp, 1, seed, train_last=train_last).trainable
 
 
 def load_samples(path: str | Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -117,7 +157,9 @@ def canary_inputs(input_shape: tuple[int, ...], x: np.ndarray, n: int = 32) -> n
 
 
 def _old_logits(rt: Runtime, names: list[str], x: np.ndarray) -> dict[str, bytes]:
-    return {n: rt.logits(x, n).tobytes() for n in names}
+    """Every task's logits on the canaries, as bytes, :data:`CANARY_BATCH` rows at a time."""
+    return {n: b"".join(rt.logits(x[i:i + CANARY_BATCH], n).tobytes() for i in range(0, len(x), CANARY_BATCH))
+            for n in names}
 
 
 def _bytes_of_dir(root: Path) -> dict[str, bytes]:
@@ -140,37 +182,38 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     old tasks' union (packnet). Default: every site."""
     t_start = time.monotonic()
     root = Path(bundle_dir)
-    if method not in METHODS:
+    m = LEARN_METHODS.get(method)
+    if m is None:
         raise LearnError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    bundle = Bundle.open(root)
+    bundle = Bundle.open(root)  # the learning's one sha256 check of every file
     if task in bundle.task_names:
         raise LearnError(f"{root}: task {task!r} is already in the bundle (version {bundle.version})")
     graph = bundle.graph
     shape = tuple(graph.input_shape)
     x_all, y_all, classes = load_samples(samples_npz, shape)
     tr, te = holdout_split(y_all, holdout, seed)
-    x, y = x_all[tr], y_all[tr]
-    hp = dict(trainer.DEFAULTS[method])
+    n_train = len(tr)
+    hp = dict(m.defaults)
     if epochs is not None:
         hp["epochs"] = int(epochs)
     if lr is not None:
         hp["lr"] = float(lr)
     src = None
-    if method == "head":
+    if m.needs_source:
         src = bundle.task(source_task if source_task is not None else len(bundle.tasks) - 1)["name"]
-        kind = bundle.task(src)["kind"]
     elif source_task is not None:
-        raise LearnError("--source-task is for --method head")
-    else:
-        kind = "weight_bits"
+        by = " or ".join(n for n, o in LEARN_METHODS.items() if o.needs_source)
+        raise LearnError(f"--source-task is for --method {by}")
+    kind = m.task_kind(None if src is None else bundle.task(src)["kind"])
     if method not in get_kind(kind).learners:
         by = ", ".join(get_kind(kind).learners) or "none"
         raise LearnError(f"{root}: --method {method} cannot make a task of kind {kind!r} "
                          f"(that kind is learned on the device by: {by})")
     n_sites = len(graph.mask_sites())
     if train_last is not None:
-        if method == "head":
-            raise LearnError("--train-last is for --method supsup or packnet (head trains no site)")
+        if not m.trains_sites:
+            raise LearnError(f"--train-last is for --method {' or '.join(site_trainers())} "
+                             f"({method} trains no site)")
         if not 1 <= int(train_last):
             raise LearnError(f"--train-last must be at least 1, got {train_last}")
         train_last = min(int(train_last), n_sites)
@@ -199,14 +242,28 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
 
     # -- plan ---------------------------------------------------------------------
     bb_bytes = bundle.manifest["files"][bundle.backbone_file()]["bytes"]
-    owned = owned_union(bundle) if method == "packnet" else {}
-    trainable = trainer.Problem(graph, bundle.backbone, owned, x[:1], y[:1], len(classes), method,
-                                hp, 1, seed, train_last=train_last).trainable
-    if method == "packnet" and not trainable:
-        where = "" if train_last is None else f" in the last {train_last} mask site(s)"
-        raise LearnError(f"{root}: no free weights left{where}: every weight is owned by a task")
-    kw = dict(graph=graph, mode=method, n_tasks=len(bundle.tasks), n_classes=len(classes),
-              n_samples=len(x_all), trainable_layers=trainable, backbone_bytes=bb_bytes)
+    trainable = _trainable(bundle, m, len(classes), hp, seed, train_last)
+    why = None if trainable else m.nothing_to_train(train_last)
+    if why:
+        raise LearnError(f"{root}: {why}")
+    canaries = canary_inputs(shape, x_all)
+    old_classes = [len(t["classes"]) for t in bundle.tasks]
+    have_routers = sorted(bundle.manifest.get("routers", {})) if routers else []
+    # the compiled step's share is measured (a probe child) before the plan that counts it
+    probe = probe_child(bundle) if _may_run_tvm_step(bundle, step_backend) else None
+    step = (probe or {}).get("step") or {}
+    step_rss = int(step.get("rss", 0)) if "error" not in step else 0
+    step_as_extra = max(0, int(step.get("address_space", 0)) - step_rss) if "error" not in step else 0
+    kw = dict(graph=graph, mode=m, n_tasks=len(bundle.tasks), n_classes=len(classes),
+              n_samples=len(x_all), trainable_layers=trainable, backbone_bytes=bb_bytes,
+              step_runtime=step_rss,
+              parent=planner.parent_bytes(graph, n_samples=len(x_all), n_canaries=len(canaries),
+                                          old_classes=old_classes),
+              commit=planner.commit_bytes(graph, method=m, n_tasks=len(bundle.tasks), n_classes=len(classes),
+                                          old_classes=old_classes, n_canaries=len(canaries),
+                                          canary_batch=CANARY_BATCH,
+                                          n_holdout=len(te), n_samples=len(x_all), backbone_bytes=bb_bytes,
+                                          routers=bool(have_routers)))
     budget = None if ram_mb is None else int(ram_mb * MiB)
     try:
         chosen, minimum = planner.choose(budget, batch_size, prefix_cache=True, **kw)
@@ -222,23 +279,27 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     fingerprint["batch_size"] = chosen.batch_size
     prefix_cache = chosen.cache > 0  # the frozen prefix once per sample, when the budget has room
 
-    # -- canaries through the runtime, before ---------------------------------------
-    canaries = canary_inputs(shape, x_all)
-    before = _old_logits(Runtime(bundle), bundle.task_names, canaries)
+    # -- canaries through the runtime, before (one activated task at a time) ----------
+    before = _old_logits(Runtime(bundle, cache_bytes=0), bundle.task_names, canaries)
 
     # -- the child ------------------------------------------------------------------
-    base_as = baseline_address_space()
-    limit = None if budget is None else base_as + budget + AS_SLACK
+    if probe is None:
+        probe = probe_child()
+    base_as = int(probe["vm_peak"])
+    # the child's part of the budget (the parent keeps its own), plus the address space
+    # the compiled step reserves beyond what it touches (as the baseline's, measured)
+    limit = None if budget is None else base_as + budget - chosen.parent + step_as_extra + AS_SLACK
     report: dict = {"bundle": str(root), "task": task, "method": method, "classes": classes,
                     "seed": int(seed), "hparams": hp, "batch_size": chosen.batch_size,
                     "plan_bytes": chosen.total, "plan": chosen.as_dict(), "min_plan_bytes": minimum.total,
                     "ram_budget_bytes": budget, "baseline_address_space": base_as,
-                    "address_space_limit": limit, "n_train": len(x), "n_holdout": len(te),
+                    "baseline_rss_bytes": int(probe["rss_peak"]), "step_probe": probe.get("step"),
+                    "address_space_limit": limit, "n_train": n_train, "n_holdout": len(te),
                     "energy_budget_j": energy_j, "resumed": bool(resume), "train_last": train_last,
                     "mask_sites": n_sites, "prefix_cache": prefix_cache}
     with tempfile.TemporaryDirectory(prefix="edgecl-learn-") as tmp:
         job_dir = Path(tmp)
-        np.savez(job_dir / "samples.npz", x=x, y=y)
+        np.savez(job_dir / "samples.npz", x=x_all[tr], y=y_all[tr])
         job = {"bundle": str(root.resolve()), "version": bundle.version, "method": method, "hp": hp,
                "n_classes": len(classes), "batch_size": chosen.batch_size, "seed": int(seed),
                "source_task": src, "checkpoint": str(ckpt.resolve()), "resume": bool(resume),
@@ -266,8 +327,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
         if stats.get("status") == "memory" or (proc.returncode < 0 and stats["status"] == "killed"):
             why = stats.get("error") or f"killed by signal {-proc.returncode}"
             raise RamBudgetError(f"the learning child exceeded its RAM budget of {ram_mb:g} MiB "
-                                 f"({limit_txt} = baseline {base_as / MiB:.1f} MiB + budget): {why}; "
-                                 f"nothing was committed")
+                                 f"({limit_txt} = baseline {base_as / MiB:.1f} MiB + the child's part of "
+                                 f"the budget): {why}; nothing was committed")
         if stats.get("status") == "paused":
             report.update(status="paused", checkpoint=str(ckpt), seconds_wall=time.monotonic() - t_start)
             _finish(report, json_path)
@@ -286,7 +347,6 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
              "metrics": {"host_acc": None, "before_acc": None, "init_acc": None}}
     if src is not None and bundle.task(src).get("depends"):
         entry["depends"] = bundle.task(src)["depends"]
-    have_routers = sorted(bundle.manifest.get("routers", {})) if routers else []
     with Transaction(root, key=key) as tx:
         if tx.previous["version"] != bundle.version:
             raise LearnError(f"{root}: the bundle moved on to version {tx.previous['version']} while "
@@ -325,7 +385,7 @@ def stage_task(tx: Transaction, bundle: Bundle, new_backbone: dict | None, entry
         main = bundle.main
         tx.add_backbone(main, new_backbone, graph=bundle.manifest["backbones"][main]["graph"])
     added = tx.add_task(entry, tensors)
-    crt = Runtime(tx.candidate())
+    crt = Runtime(tx.candidate(), cache_bytes=0)  # one activated task at a time (the plan's commit)
     after = _old_logits(crt, bundle.task_names, canaries)
     changed = [n for n in bundle.task_names if after[n] != before[n]]
     if changed:

@@ -1,10 +1,13 @@
 """The RAM planner: the bytes a learning run needs, and a batch size that fits.
 
 It reads the model graph only: the mask sites (``graph.mask_sites()``), the value shapes
-(``graph.shapes(batch)``) and the graph's structure — no op switch. Everything is float32
-(4 bytes; an int64 input 8). With ``n_l`` the weights of mask site l, ``T`` the trained
-sites (supsup: every site, or the last K; packnet: those with a free weight; head: none),
-``F`` the feature width, ``C`` the new task's classes, ``B`` the batch, ``N`` the samples:
+(``graph.shapes(batch)``) and the graph's structure — no op switch, and no switch on the
+learning method either: what a method holds is its :class:`.methods.LearnMethod`'s terms
+(``plan_state_bytes``, ``plan_grad_bytes``, ``plan_weights``, ``trains_sites``).
+Everything is float32 (4 bytes; an int64 input 8). With ``n_l`` the weights of mask site
+l, ``T`` the trained sites (supsup: every site, or the last K; packnet: those with a free
+weight; head: none), ``F`` the feature width, ``C`` the new task's classes, ``B`` the
+batch, ``N`` the samples, the learning child holds:
 
     weights     = backbone file bytes (mapped, paged in as read)
                   + 4 * sum_{l in T} n_l          (materialized supermask / trainable copies)
@@ -22,6 +25,15 @@ sites (supsup: every site, or the last K; packnet: those with a free weight; hea
     cache       = with the prefix cache: N * the bytes of one sample's values where the
                   trained part starts (:func:`prefix_cache_bytes`); else 0
     slack       = 8 MiB                            (Python objects, temporaries)
+    step_runtime = the compiled training step's share when it may run (the TVM runtime,
+                  the library, its workspace and aligned copies of the parameters),
+                  measured by the probe child (:mod:`.child`); 0 for the numpy step
+
+and the learner process (the parent) holds :func:`parent_bytes` while the child runs and
+:func:`commit_bytes` more once it has exited (the candidate version). The plan's
+``total`` is ``parent + max(child, commit)``: the child's memory is gone before the
+parent builds the candidate. The backbone's map is counted once (in ``weights``): parent
+and child map the same file, whose pages the kernel holds once.
 
 Activations are simulated over the graph at batch ``B``: the forward keeps every value
 the backward reads (the inputs and outputs of the nodes downstream of the first trained
@@ -53,6 +65,7 @@ from dataclasses import asdict, dataclass
 
 from ..graph import Graph, from_model
 from ..ops import get_op
+from .methods import LearnMethod, get_method
 from .train_numpy import backward_nodes, cut, kept_values
 
 MiB = 1 << 20
@@ -71,14 +84,24 @@ class Plan:
     data: int
     slack: int
     cache: int = 0
+    step_runtime: int = 0  # the compiled step's runtime, measured (0: the numpy step)
+    parent: int = 0  # the learner process while the child runs
+    commit: int = 0  # the learner process after the child: the candidate version
+
+    @property
+    def child(self) -> int:
+        """The learning child's bytes (what its address-space limit is for)."""
+        return (self.weights + self.trainable + self.gradients + self.optimizer + self.head
+                + self.activations + self.data + self.slack + self.cache + self.step_runtime)
 
     @property
     def total(self) -> int:
-        return (self.weights + self.trainable + self.gradients + self.optimizer + self.head
-                + self.activations + self.data + self.slack + self.cache)
+        """The learning's bytes on the device: the parent's throughout, and the larger of
+        the child's (while it trains) and the commit's (after it has exited)."""
+        return self.parent + max(self.child, self.commit)
 
     def as_dict(self) -> dict:
-        return dict(asdict(self), total=self.total)
+        return dict(asdict(self), child=self.child, total=self.total)
 
 
 def _itemsize(graph: Graph, name: str) -> int:
@@ -171,18 +194,24 @@ def prefix_cache_bytes(graph: Graph, wanted: Sequence[str] | set[str], n_samples
     return n_samples * sum(math.prod(shapes[v]) * _itemsize(graph, v) for v in names)
 
 
-def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_samples: int,
+def plan(graph: Graph | Mapping, *, mode: str | LearnMethod, n_tasks: int, n_classes: int, n_samples: int,
          batch_size: int, trainable_layers: Sequence[str] | None = None,
-         backbone_bytes: int = 0, prefix_cache: bool = False) -> Plan:
-    """The bytes of a learning run. ``trainable_layers``: the trained mask sites by node
-    name (default: every site; head mode: none). ``prefix_cache``: count the learner's
-    cache of the values where the trained part starts (:func:`prefix_cache_bytes`)."""
+         backbone_bytes: int = 0, prefix_cache: bool = False, step_runtime: int = 0,
+         parent: int = 0, commit: int = 0) -> Plan:
+    """The bytes of a learning run with method ``mode`` (a name in
+    :data:`.methods.LEARN_METHODS`). ``trainable_layers``: the trained mask sites by node
+    name (default: every site; a method that trains no site: none). ``prefix_cache``:
+    count the learner's cache of the values where the trained part starts
+    (:func:`prefix_cache_bytes`). ``step_runtime``, ``parent``, ``commit``: the
+    batch-independent terms the learner measures or computes (:func:`parent_bytes`,
+    :func:`commit_bytes`), stored as given."""
+    method = get_method(mode)
     graph = graph if isinstance(graph, Graph) else from_model(graph)
     sites = graph.mask_sites()
     counts = {s.node: math.prod(s.shape) for s in sites}
     weight_of = {s.node: s.weight for s in sites}
     n_w = sum(counts.values())
-    if mode == "head":
+    if not method.trains_sites:
         t_sites: list[str] = []
     elif trainable_layers is None:
         t_sites = list(counts)
@@ -196,10 +225,9 @@ def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_s
     in_size = math.prod(graph.input_shape) * _itemsize(graph, graph.input.name)
     b = int(batch_size)
     weights = backbone_bytes + 4 * n_t + (n_w // 8 + len(counts)) * (n_tasks + 2)
-    if mode == "packnet":
-        weights += 4 * (n_w - n_t) + backbone_bytes
+    weights += method.plan_weights(n_w, n_t, backbone_bytes)
     cache = 0
-    if mode == "head":
+    if not method.trains_sites:  # a head on features computed once: a forward, no backward
         acts = activation_bytes(graph, b) + 4 * b * 2 * n_classes
         data = n_samples * (in_size + 4 * feat) + 8 * n_samples
     else:
@@ -210,10 +238,64 @@ def plan(graph: Graph | Mapping, *, mode: str, n_tasks: int, n_classes: int, n_s
             cache = prefix_cache_bytes(graph, wanted, n_samples)
     return Plan(
         batch_size=b, weights=weights,
-        trainable=4 * n_t if mode == "supsup" else 0,
-        gradients=(8 if mode == "supsup" else 4) * n_t, optimizer=8 * n_t,
+        trainable=method.plan_state_bytes * n_t,
+        gradients=method.plan_grad_bytes * n_t, optimizer=8 * n_t,
         head=16 * (n_classes * feat + n_classes),
-        activations=acts, data=data, slack=SLACK, cache=cache)
+        activations=acts, data=data, slack=SLACK, cache=cache,
+        step_runtime=int(step_runtime), parent=int(parent), commit=int(commit))
+
+
+def _site_weights(graph: Graph) -> tuple[int, int]:
+    """(weights of every mask site, of the largest)."""
+    sizes = [math.prod(s.shape) for s in graph.mask_sites()] or [0]
+    return sum(sizes), max(sizes)
+
+
+def parent_bytes(graph: Graph, *, n_samples: int, n_canaries: int, old_classes: Sequence[int]) -> int:
+    """What the learner process holds while the child trains: the samples (``x``, the
+    local labels, the train/holdout indices), the canary inputs and every old task's
+    canary logits. (The backbone's map is the child's ``weights``: the same file pages.)"""
+    in_elems = math.prod(graph.input_shape)
+    return (n_samples * (in_elems * _itemsize(graph, graph.input.name) + 8 + 8)
+            + 4 * n_canaries * in_elems + 4 * n_canaries * sum(int(c) for c in old_classes))
+
+
+def commit_bytes(graph: Graph, *, method: str | LearnMethod, n_tasks: int, n_classes: int,
+                 old_classes: Sequence[int], n_canaries: int, n_holdout: int, n_samples: int,
+                 backbone_bytes: int, routers: bool, canary_batch: int | None = None) -> int:
+    """What the learner process adds once the child has exited, to verify and commit:
+
+    - the child's result: the task's tensors (packed masks of every site, the head) and,
+      when the method changes the backbone, the new backbone's tensors, its serialized
+      file in the transaction, and the owned-entries check (the union, one task's owned
+      entries, two copies of a site's owned weights);
+    - the canaries on the candidate: two tasks' materialized weights at a time
+      (``4 * sum_l n_l`` each: a weight-bits task copies every site; the learner's
+      runtimes keep one task activated) + the inference activations at the canaries'
+      batch (``canary_batch`` rows at a time, default all) + the new logits; the holdout
+      accuracy: activations at its batch and its inputs;
+    - the routers' refit (``routers``): its own runtime on the candidate (which caches
+      activated tasks up to 64 MiB), a forward over the ``N`` new samples in one batch and
+      three ``[N, F]`` arrays (features, score vectors, their deviations).
+
+    The stages run one after another: the largest counts, with the result beside it."""
+    method = get_method(method)
+    n_w, n_max = _site_weights(graph)
+    feat = int(graph.feature_dim)
+    task = 4 * n_w  # one activated task's materialized weights
+    result = 2 * ((n_w // 8 + len(graph.mask_sites())) + 4 * (n_classes * feat + n_classes))
+    if method.changes_backbone:
+        result += 2 * backbone_bytes + 2 * n_w + 8 * n_max
+    logits = 4 * n_canaries * (sum(int(c) for c in old_classes) + n_classes)
+    rows = max(1, min(n_canaries, canary_batch or n_canaries))
+    in_bytes = math.prod(graph.input_shape) * _itemsize(graph, graph.input.name)
+    stages = [2 * task + activation_bytes(graph, rows) + logits,
+              2 * task + activation_bytes(graph, max(1, n_holdout)) + n_holdout * in_bytes]
+    if routers:
+        cached = min((n_tasks + 1) * task, (64 << 20) + task)
+        # one forward over the N samples at a time, and [N, F] features and scores beside it
+        stages.append(task + cached + activation_bytes(graph, max(1, n_samples)) + 3 * 4 * n_samples * feat)
+    return result + max(stages)
 
 
 def choose(budget_bytes: int | None, preferred_batch: int, *, prefix_cache: bool = False,
