@@ -54,11 +54,9 @@ def test_the_worked_example_and_the_python_example_run_as_written(tmp_path):
     shell = [b for lang, b in blocks if lang == "bash"]
     python = [b for lang, b in blocks if lang == "python"]
     assert len(shell) == 2 and len(python) == 1
-    out = {}
-    for cmd in _commands(shell[0]) + _commands(shell[1]):
-        out[cmd] = _run(cmd, tmp_path)
-    said = {k: v for k, v in out.items() if k.startswith("edgecl bundle runs/supsup")}
-    first, second = list(said.values())
+    ran = [(cmd, _run(cmd, tmp_path)) for cmd in _commands(shell[0]) + _commands(shell[1])]
+    out = dict(ran)
+    first, second = [v for k, v in ran if k.startswith("edgecl bundle runs/supsup")]
     # what the README's comments say about versions
     assert "version 1: task digits-0-1" in first and "version 4: task digits-6-7" in first
     assert "version 5: golden outputs" in first
