@@ -398,6 +398,23 @@ def test_ram_budget_below_minimum_is_refused_with_the_minimum(four, digits, tmp_
     assert _all_bytes(bundle) == snap
 
 
+def test_a_task_with_an_existing_tasks_classes_is_refused_without_force(four, digits, tmp_path, capsys):
+    from edgecl.tools.cli import main as cli
+
+    bundle = four("supsup")
+    snap = _all_bytes(bundle)
+    dup = _samples(tmp_path, digits.tasks[3])  # digits 6 and 7: task digits-6-7's classes
+    with pytest.raises(LearnError, match=r"classes \[6, 7\] of task 'digits-6-7'.*--force"):
+        learn(bundle, "sixes-and-sevens", dup, method="head", epochs=1, quiet=True, routers=False)
+    assert _all_bytes(bundle) == snap
+    assert cli(["learn", str(bundle), "--task", "again", "--data", str(dup), "--method", "head",
+                "--epochs", "1", "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    r = learn(bundle, "sixes-and-sevens", dup, method="head", epochs=1, quiet=True, routers=False,
+              force=True)
+    assert r["status"] == "committed" and r["duplicates"] == ["digits-6-7"]
+
+
 def test_child_exceeding_the_budget_dies_alone_and_nothing_changes(four, digits, tmp_path):
     bundle = four("packnet")
     snap = _all_bytes(bundle)

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-last", type=int, metavar="K",
                    help=f"{'/'.join(site_trainers())}: train only the last K mask sites and the head; "
                         "earlier sites are frozen and run forward only (default: all)")
+    p.add_argument("--force", action="store_true",
+                   help="learn the task even if an existing task has exactly its classes")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -56,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
               ram_mb=args.ram_mb, energy_j=args.energy_j, resume=args.resume, seed=args.seed,
               batch_size=args.batch_size, lr=args.lr, holdout=args.holdout, meter=args.meter,
               source_task=args.source_task, step_backend=args.step, json_path=args.json, quiet=args.quiet,
-              train_last=args.train_last)
+              train_last=args.train_last, force=args.force)
     mib = 1 << 20
     energy = f"{r.get('joules', 0.0):.2f} J ({r.get('meter')})"
     rss = r.get("peak_rss_bytes") or 0
@@ -71,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"learned {r['task']!r} ({r['method']}) into {r['bundle']} as version(s) "
           f"{', '.join(map(str, r['versions']))}: held-out acc {acc_txt} on {r['n_holdout']} samples; "
           f"{common}; old tasks byte-identical on {r['canaries_checked']} canary outputs")
+    for name, shared in r.get("overlaps", {}).items():
+        print(f"note: classes {shared} are also task {name!r}'s")
+    if r.get("duplicates"):
+        print(f"note: learned with --force although task(s) {r['duplicates']} have the same classes")
     if args.json:
         print(f"wrote {args.json}")
     return 0

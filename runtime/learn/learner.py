@@ -172,7 +172,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
           holdout: float = 0.1, meter: str | dict = "auto", meter_root: str = "/",
           source_task: str | None = None, step_backend: str = "auto", json_path: str | Path | None = None,
           quiet: bool = False, routers: bool = True, debug_alloc_mb: float = 0.0,
-          train_last: int | None = None, key="env") -> dict:
+          train_last: int | None = None, key="env", force: bool = False) -> dict:
     """Learn ``task`` from ``samples_npz`` and commit it to the bundle; returns the report
     (``status``: ``committed`` or ``paused``). Raises :class:`LearnError` subclasses.
 
@@ -191,6 +191,12 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
     graph = bundle.graph
     shape = tuple(graph.input_shape)
     x_all, y_all, classes = load_samples(samples_npz, shape)
+    same = [t["name"] for t in bundle.tasks if sorted(t["classes"]) == classes]
+    if same and not force:  # most likely the same task under a new name (or a mislabelled file)
+        raise LearnError(f"{samples_npz}: the new task {task!r} has the classes {classes} of task "
+                         f"{same[0]!r} already in the bundle; pass --force to learn it anyway")
+    overlap = {t["name"]: sorted(set(t["classes"]) & set(classes)) for t in bundle.tasks}
+    overlap = {n: c for n, c in overlap.items() if c and n not in same}
     tr, te = holdout_split(y_all, holdout, seed)
     n_train = len(tr)
     hp = dict(m.defaults)
@@ -296,7 +302,8 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                     "baseline_rss_bytes": int(probe["rss_peak"]), "step_probe": probe.get("step"),
                     "address_space_limit": limit, "n_train": n_train, "n_holdout": len(te),
                     "energy_budget_j": energy_j, "resumed": bool(resume), "train_last": train_last,
-                    "mask_sites": n_sites, "prefix_cache": prefix_cache}
+                    "mask_sites": n_sites, "prefix_cache": prefix_cache,
+                    "duplicates": same, "overlaps": overlap}
     with tempfile.TemporaryDirectory(prefix="edgecl-learn-") as tmp:
         job_dir = Path(tmp)
         np.savez(job_dir / "samples.npz", x=x_all[tr], y=y_all[tr])
