@@ -114,8 +114,8 @@ def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "edgecl.tools.cli", "--threads", "1", "demo", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "edgecl.tools.cli", "--threads", "1", "demo", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     table = r.stdout.split("=== Split-Digits")[-1]
     for method in ("packnet", "supsup", "piggyback", "hat"):
