@@ -27,7 +27,7 @@ def task_entry(run: Run, t: int) -> dict:
     return {"name": info["name"], "classes": info["classes"], "n_classes": len(info["classes"]),
             "method": m.name, "kind": m.kind,
             "metrics": {"host_acc": run.acc_matrix[t][t], "before_acc": m.before_acc[t],
-                        "init_acc": m.init_acc[t]}}
+                        "init_acc": m.init_acc[t], **m.task_metrics(t)}}
 
 
 def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True, key="env") -> list[int]:

@@ -83,6 +83,11 @@ class Method(ABC):
     def export_task(self, t: int) -> dict[str, np.ndarray]:
         """The task file's tensors: ``mask.<node>`` bits or ``gate.<node>`` units, head."""
 
+    def task_metrics(self, t: int) -> dict:
+        """Method-specific figures of task ``t`` the bundle records in the task's ``metrics``
+        (JSON values; ``edgecl eval`` shows them), e.g. importance drift."""
+        return {}
+
     def encode_task(self, parts: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
         """The task file's tensors: the method's arrays and head, through its task kind."""
         return get_kind(self.kind).encode({**parts, **self.export_head(t)}, self.graph)
