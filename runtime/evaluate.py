@@ -26,6 +26,10 @@ def _as_input(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return x.reshape(len(x), *shape)
 
 
+# what every task records; anything else in a task's metrics is its method's own figures
+COMMON_METRICS = ("host_acc", "before_acc", "init_acc", "device_acc", "learned_on", "joules", "steps")
+
+
 def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict:
     """``data``: (task name, x_test, y_test local labels) for every task of the bundle."""
     current = Bundle.open(path)
@@ -71,6 +75,7 @@ def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]
         "bits_per_weight_per_task": [t["storage"]["mask_bits_per_weight"] for t in tasks],
         "per_task": [{"name": t["name"], "method": t["method"], "acc": final[i],
                       "host_acc": t["metrics"].get("host_acc"),
+                      "method_metrics": {k: v for k, v in t["metrics"].items() if k not in COMMON_METRICS},
                       "mask_bits_per_weight": t["storage"]["mask_bits_per_weight"],
                       "bits_per_weight": t["storage"]["bits_per_weight"],
                       "bytes": t["storage"]["file_bytes"]} for i, t in enumerate(tasks)],

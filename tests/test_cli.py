@@ -158,9 +158,12 @@ def test_eval_says_why_fwt_is_not_defined(tmp_path, bundle_copy, capsys):
 
     root = bundle_copy("supsup")
     b = Bundle.open(root)
-    last = dict(b.tasks[-1], metrics=dict(b.tasks[-1]["metrics"], before_acc=None, learned_on="device"))
+    last = dict(b.tasks[-1], metrics=dict(b.tasks[-1]["metrics"], before_acc=None, learned_on="device",
+                                          importance_drift=0.25))
     with Transaction(root, key=None) as tx:  # as a task learned on the device records it
         tx.add_task(last, b.task_tensors(last["name"]), supersede=True)
     assert main(["eval", str(root), "--data", "split-digits"]) == 0
     out = capsys.readouterr().out
     assert "FWT -" in out and f"FWT not defined: {last['name']} has no accuracy measured before" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith(last["name"]) and "0.2500" in line]
+    assert "importance_drift" in out and rows  # a method's own per-task figures are shown

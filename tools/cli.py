@@ -194,6 +194,10 @@ def _print_routing(r: dict) -> None:
                          "unknown → unknown", "decision acc", "time / inference (b=1)"], rows))
 
 
+def _fmt(v: object) -> object:
+    return f"{v:.4f}" if isinstance(v, float) else v
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -209,6 +213,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fwt = "-" if result["fwt"] is None else f"{result['fwt']:+.4f}"
     bwt = "-" if result["bwt"] is None else f"{result['bwt']:+.4f}"
     print(f"ACC {result['acc']:.4f}   BWT {bwt}   FWT {fwt}")
+    own = sorted({k for p in result["per_task"] for k in p["method_metrics"]})
+    if own:  # figures a method records per task (importance drift, damped scores, ...)
+        print(tables.render(["task", *own], [[p["name"], *(_fmt(p["method_metrics"].get(k)) for k in own)]
+                                             for p in result["per_task"]]))
     if result["fwt"] is None and result["fwt_missing"]:
         print(f"FWT not defined: {', '.join(result['fwt_missing'])} has no accuracy measured before it "
               "was learned and at initialization (learned on the device, or by a method that records none)")
