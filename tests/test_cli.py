@@ -13,7 +13,7 @@ from edgecl.tools.cli import main
 
 COMMANDS = ["train", "bundle", "eval", "infer", "inspect", "compile", "bench", "learn", "deploy",
             "device-test", "demo", "keygen", "sign", "verify", "log", "gc", "rollback", "pack", "unpack",
-            "migrate"]
+            "migrate", "daemon"]
 
 
 def test_console_script_help():

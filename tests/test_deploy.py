@@ -101,8 +101,8 @@ def test_bad_url_and_missing_key(bundle):
         dep.deploy(bundle, "ssh://pi@127.0.0.1:1", "rpi9")
 
 
-def test_service_says_there_is_no_daemon(bundle):
-    with pytest.raises(dep.DeployError, match="no daemon in this version"):
+def test_service_checks_the_device_first(bundle):
+    with pytest.raises(dep.DeployError, match="cannot reach"):
         dep.deploy(bundle, "ssh://pi@127.0.0.1:1", "rpi4", service=True)
 
 

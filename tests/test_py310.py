@@ -79,24 +79,30 @@ def test_device_modules_import_on_310(py310, tmp_path):
     on 3.10 without torch, TVM or tomli, and none of them pulls one in."""
     out = _ok(_code(py310, tmp_path, """
         import importlib, json, pkgutil, sys
-        failed, seen = {}, []
+        failed, seen, optional = {}, [], {}
+        OPTIONAL = {"fastapi", "uvicorn", "prometheus_client", "pydantic", "starlette"}  # edgecl[daemon]
         for pkg in ("edgecl.runtime", "edgecl.kernels", "edgecl.device_tests"):
             root = importlib.import_module(pkg)
             for info in pkgutil.walk_packages(root.__path__, pkg + "."):
-                if info.name.rsplit(".", 1)[-1].startswith(("test_", "conftest")):
-                    continue  # pytest's files: run below, by pytest
+                if info.name.rsplit(".", 1)[-1].startswith(("test_", "conftest", "__main__")):
+                    continue  # pytest's files (run below, by pytest); a __main__ runs a program
                 try:
                     importlib.import_module(info.name)
                     seen.append(info.name)
+                except ModuleNotFoundError as e:  # an optional extra's own layer (the daemon's API)
+                    (optional if e.name in OPTIONAL else failed)[info.name] = f"{type(e).__name__}: {e}"
                 except Exception as e:
                     failed[info.name] = f"{type(e).__name__}: {e}"
         import edgecl.tools.cli
         edgecl.tools.cli.build_parser()
         leaked = [m for m in ("torch", "tvm", "tomli", "tomllib") if m in sys.modules]
-        print(json.dumps({"failed": failed, "seen": seen, "leaked": leaked}))
+        print(json.dumps({"failed": failed, "seen": seen, "leaked": leaked, "optional": optional}))
     """))
     got = json.loads(out)
     assert got["failed"] == {}
+    # only the daemon's web layer needs its extra; the rest of the daemon imports without it
+    assert set(got["optional"]) <= {"edgecl.runtime.daemon.api"}, got["optional"]
+    assert {"edgecl.runtime.daemon.store", "edgecl.runtime.daemon.policy"} <= set(got["seen"])
     assert {"edgecl.runtime.session", "edgecl.runtime.threads", "edgecl.runtime.learn.child",
             "edgecl.kernels.native", "edgecl.device_tests.smoke"} <= set(got["seen"])
     assert got["leaked"] == []

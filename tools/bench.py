@@ -670,7 +670,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
 # -- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE_DIR",
-                        help="a bundle, or 'zoo' (every zoo model), 'kernels', 'learn', 'open'")
+                        help="a bundle, or 'zoo' (every zoo model), 'kernels', 'learn', 'open', 'daemon'")
     parser.add_argument("--backends", default=DEFAULT_BACKENDS,
                         help=f"rows, comma-separated (default {DEFAULT_BACKENDS}); unusable ones are skipped")
     parser.add_argument("--batch", help="comma-separated batch sizes (default 1,32; zoo: 1,8)")

@@ -378,10 +378,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_open import main as bench_open
 
         return bench_open(args)
+    if args.bundle == "daemon":
+        from .bench_daemon import main as bench_daemon
+
+        return bench_daemon(args)
     from . import bench
 
     if not Path(args.bundle).exists():
-        raise EdgeclError(f"{args.bundle}: no such bundle (or say 'zoo', 'kernels', 'learn' or 'open')")
+        raise EdgeclError(f"{args.bundle}: no such bundle (or say zoo, kernels, learn, open or daemon)")
     return bench.main(args)
 
 
@@ -490,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_open import add_arguments as add_open_arguments
 
     add_open_arguments(k)  # edgecl bench open --zoo-model minilm
+    from .bench_daemon import add_arguments as add_daemon_arguments
+
+    add_daemon_arguments(k)  # edgecl bench daemon
     k.set_defaults(func=bench.zoo_or(cmd_bench))  # edgecl bench zoo: tools/bench_zoo.py
 
     from . import deploy, device_test_cmd, learn_cmd
@@ -507,14 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     device_test_cmd.add_arguments(tp)
     tp.set_defaults(func=device_test_cmd.main)
 
-    from . import bundle_cmd, keys_cmd, pack_cmd
+    from . import bundle_cmd, daemon_cmd, keys_cmd, pack_cmd
 
     bundle_cmd.add_parser(sub)
     keys_cmd.add_parser(sub)
     pack_cmd.add_parser(sub)
-    for name in ("bundle", "compile", "learn"):
+    daemon_cmd.add_parser(sub)
+    for name in ("bundle", "compile", "learn", "daemon"):  # signing key for commits and rollbacks
         bundle_cmd.add_key_argument(sub.choices[name])
-    for name in ("infer", "inspect", "eval", "learn", "bench", "device-test"):
+    for name in ("infer", "inspect", "eval", "learn", "bench", "device-test", "daemon"):
         bundle_cmd.add_trust_argument(sub.choices[name])
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")

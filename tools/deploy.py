@@ -34,8 +34,17 @@ known_hosts file with StrictHostKeyChecking=accept-new, ConnectTimeout). In orde
    previous one are removed.
 4. Re-running with nothing changed sends nothing and reinstalls nothing.
 
-``--service`` would install and start the daemon's systemd unit: there is no daemon in
-this version, so it fails at once, before touching the device.
+5. ``--service``: the daemon's wheels (the ``daemon`` extra: FastAPI, uvicorn,
+   prometheus-client) join the wheelhouse; after the switch the daemon's bundle
+   ``REMOTE/data/bundle`` is seeded from the release's bundle *only when it is absent*
+   (the daemon commits the tasks it learns there; a later deploy never overwrites them),
+   ``REMOTE/service/daemon.json`` is written when absent (from deploy/daemon.example.toml,
+   socket ``REMOTE/run/daemon.sock``, store ``REMOTE/state``), and the unit
+   (deploy/edgecl-daemon.service with the paths and user filled in) is installed into
+   /etc/systemd/system, enabled and restarted (root or passwordless sudo). A device
+   without systemd as PID 1 (a container, the emulated Pi) gets the daemon started
+   directly (a session of its own, a pid file; nothing restarts it), which the report says. Either
+   way deploy waits for ``/readyz`` and one ``/infer`` over the socket.
 """
 
 from __future__ import annotations
@@ -68,6 +77,10 @@ DEFAULT_REMOTE_DIR = "edgecl"
 TVM_FFI_FALLBACK = "apache-tvm-ffi==0.1.14.post1"
 TVM_FALLBACK = "apache-tvm==0.27.0.post1"
 ALL_BACKENDS = ("numpy", "tvm", "onnxruntime", "tflite")
+# the daemon's web stack when the installed metadata has no `daemon` extra (the pins tested)
+DAEMON_FALLBACK = ("fastapi==0.165.0", "uvicorn==0.54.0", "prometheus-client==0.26.0")
+SERVICE_UNIT = "edgecl-daemon.service"
+UNIT_PREFIX = "/opt/edgecl"  # the install directory as the shipped unit spells it
 MiB = 1 << 20
 
 
@@ -251,7 +264,7 @@ def _name(req: str) -> str:
     return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
 
 
-def requirements(backends: list[str]) -> tuple[list[str], str | None]:
+def requirements(backends: list[str], service: bool = False) -> tuple[list[str], str | None]:
     """(requirements to download with their dependencies, the apache-tvm pin or None)."""
     extras = _extra_requirements()
     reqs = list(extras.get("device") or ["numpy>=1.24", "cffi>=1.16", "safetensors>=0.4"])
@@ -264,6 +277,8 @@ def requirements(backends: list[str]) -> tuple[list[str], str | None]:
         reqs += [r for r in extras.get("ort") or ["onnxruntime>=1.17"] if _name(r) == "onnxruntime"]
     if "tflite" in backends:
         reqs += extras.get("tflite") or ["ai-edge-litert>=2.3"]
+    if service:
+        reqs += extras.get("daemon") or list(DAEMON_FALLBACK)
     reqs += ["pip", "pytest>=8"]
     return reqs, tvm_pin
 
@@ -405,9 +420,10 @@ def build_tvm_runtime_wheel(dest: Path, tvm_pin: str, tags: list[str], cache: Pa
     return out
 
 
-def wheelhouse(backends: list[str], py: str, libc: str, machine: str = "aarch64") -> Path:
+def wheelhouse(backends: list[str], py: str, libc: str, machine: str = "aarch64",
+               service: bool = False) -> Path:
     """The device's offline wheelhouse (cached per Python version, glibc and backends)."""
-    reqs, tvm_pin = requirements(backends)
+    reqs, tvm_pin = requirements(backends, service)
     tags = platform_tags(libc, machine)
     key = hashlib.sha256(json.dumps([reqs, tvm_pin, tags, py]).encode()).hexdigest()[:10]
     dest = cache_root() / "wheelhouse" / f"cp{py.replace('.', '')}-{machine}-{key}"
@@ -422,12 +438,14 @@ def wheelhouse(backends: list[str], py: str, libc: str, machine: str = "aarch64"
     return dest
 
 
-def install_names(backends: list[str], house: Path) -> list[str]:
+def install_names(backends: list[str], house: Path, service: bool = False) -> list[str]:
     names = ["edgecl", "pytest"]
-    reqs, tvm_pin = requirements(backends)
+    reqs, tvm_pin = requirements(backends, service)
     if tvm_pin:
         names += ["edgecl-tvm-runtime"] + [r for r in reqs if _name(r) == "apache-tvm-ffi"]
     names += [r for r in reqs if _name(r) in ("onnxruntime", "ai-edge-litert", "tflite-runtime")]
+    if service:
+        names += [r for r in reqs if _name(r) in ("fastapi", "uvicorn", "prometheus-client")]
     return names
 
 
@@ -521,8 +539,7 @@ def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = 
     if service and importlib.util.find_spec("edgecl.runtime.daemon") is None:
         raise DeployError("--service: there is no daemon in this version of edgecl (no `edgecl daemon`, no "
                           "systemd unit to install); deploy without --service")
-    if service:
-        raise DeployError("--service: installing the daemon's systemd unit is not implemented yet")
+    unit_text = service_files()[0] if service else None  # missing files fail here, before the device
     try:
         prof = profiles.get(target)
     except ValueError as e:
@@ -557,8 +574,8 @@ def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = 
     if v is not None:
         log(f"{bundle_dir}: version {v}: golden outputs added (canary inputs + numpy-reference logits)")
     bundle = Bundle.open(bundle_dir)
-    house = wheelhouse(backends_list, py, facts["libc"], prof.machine)
-    names = install_names(backends_list, house)
+    house = wheelhouse(backends_list, py, facts["libc"], prof.machine, service)
+    names = install_names(backends_list, house, service)
     release_id = hashlib.sha256(json.dumps(
         [RELEASE_RECIPE, bundle.manifest["checksum"], _digest_dir(house, "*.whl"), names, target, py]
     ).encode()).hexdigest()[:12]
@@ -607,7 +624,142 @@ def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = 
     state = "switched to" if report["changed"] else "already at"
     log(f"{remote.where}: {state} release {release_id}; {sent} file(s) sent; smoke inference passed "
         f"({', '.join(backends_list)}) in {report['seconds']:.0f} s")
+    if service:
+        report["service"] = install_service(remote, remote_dir, facts, unit_text, log)
+        report["seconds"] = time.monotonic() - t0
     return report
+
+
+# -- the daemon's service -----------------------------------------------------------------
+def service_files() -> tuple[str, dict]:
+    """(the unit's text, the example config as a dict) from the source tree's deploy/."""
+    root = source_root() / "deploy"
+    unit, example = root / SERVICE_UNIT, root / "daemon.example.toml"
+    for f in (unit, example):
+        if not f.is_file():
+            raise DeployError(f"--service: {f} is missing (it ships in the source tree's deploy/ folder)")
+    return unit.read_text(), _load_toml(example)
+
+
+def render_unit(text: str, *, remote_dir: str, user: str, group: str | None = None,
+                python: str | None = None) -> str:
+    """The shipped unit for one device: ``/opt/edgecl`` -> the absolute install directory,
+    ``User``/``Group`` -> the ssh user, and (tests) another Python for ExecStart."""
+    out = []
+    for line in text.replace(UNIT_PREFIX, remote_dir.rstrip("/")).splitlines():
+        if line.startswith("User="):
+            line = f"User={user}"
+        elif line.startswith("Group="):
+            line = f"Group={group or user}"
+        elif python and line.startswith("ExecStart="):
+            line = "ExecStart=" + python + " " + line.split(" ", 1)[1]
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def render_config(example: dict, remote_dir: str) -> str:
+    """The daemon's config on the device (JSON: Python 3.10 devices have no tomllib): the
+    example's settings with the socket and the store under the install directory."""
+    cfg = json.loads(json.dumps(example))
+    cfg.setdefault("server", {})["socket"] = f"{remote_dir}/run/daemon.sock"
+    cfg.setdefault("store", {})["state_dir"] = f"{remote_dir}/state"
+    return json.dumps(cfg, indent=1, sort_keys=True) + "\n"
+
+
+_SERVICE = r"""
+set -eu
+cd ~
+R=%(dir)s; R=$(cd "$R" && pwd)
+mkdir -p "$R/service" "$R/run" "$R/state" "$R/data"
+if [ ! -f "$R/data/bundle/manifest.json" ]; then
+  rm -rf "$R/data/bundle.tmp"; cp -a "$R/current/bundle" "$R/data/bundle.tmp"
+  mv "$R/data/bundle.tmp" "$R/data/bundle"; echo "seeded $R/data/bundle from the release"
+else
+  echo "kept $R/data/bundle (the daemon's own versions)"
+fi
+printf '%%s' %(unit)s > "$R/service/%(unit_name)s"
+if [ ! -f "$R/service/daemon.json" ]; then printf '%%s' %(config)s > "$R/service/daemon.json"; fi
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  SUDO=""; if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  $SUDO install -m 0644 "$R/service/%(unit_name)s" /etc/systemd/system/%(unit_name)s
+  $SUDO systemctl daemon-reload
+  $SUDO systemctl enable %(unit_name)s >/dev/null 2>&1
+  $SUDO systemctl restart %(unit_name)s
+  echo "mode=systemd"
+else
+  if [ -f "$R/run/daemon.pid" ]; then
+    P=$(cat "$R/run/daemon.pid")
+    if kill -0 "$P" 2>/dev/null; then
+      kill "$P"; for i in $(seq 1 100); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done
+    fi
+  fi
+  # a session of its own (os.setsid, then exec: the same pid), so the ssh session's end leaves it be;
+  # Python rather than setsid(1), which a minimal root file system may lack
+  PY="$R/current/venv/bin/python"
+  nohup "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
+      "$PY" -m edgecl.runtime.daemon "$R/data/bundle" --config "$R/service/daemon.json" \
+      >> "$R/state/daemon.log" 2>&1 < /dev/null &
+  echo $! > "$R/run/daemon.pid"
+  echo "mode=direct (no systemd here: the daemon runs in its own session, pid $(cat "$R/run/daemon.pid"))"
+fi
+echo %(sep)s
+"$R/current/venv/bin/python" - "$R/run/daemon.sock" "$R/state/daemon.log" <<'PY'
+import json, subprocess, sys, time
+from edgecl.runtime.daemon.client import Client
+c, t0, last = Client(sys.argv[1], timeout=30), time.monotonic(), None
+while time.monotonic() - t0 < 240:
+    try:
+        s, body = c.get("/readyz")
+        if s == 200:
+            break
+        last = body
+    except OSError as e:
+        c.close(); last = str(e)
+    time.sleep(0.5)
+else:
+    try:
+        log = open(sys.argv[2]).read()[-3000:]
+    except OSError:
+        log = subprocess.run(["journalctl", "-u", "edgecl-daemon", "-n", "40", "--no-pager"],
+                             capture_output=True, text=True).stdout[-3000:]
+    print(log, file=sys.stderr)
+    print(json.dumps({"ok": False, "error": f"not ready after 240 s: {last}"})); sys.exit(1)
+shape = [1] + [int(n) for n in c.get("/status")[1]["input_shape"]]
+n = 1
+for d in shape:
+    n *= d
+s, ans = c.post("/infer", {"x": [0.5] * n, "task": body["tasks"][0]} if body["tasks"] else {"x": [0.5] * n})
+print(json.dumps({"ok": s == 200, "readyz": body, "infer_status": s, "infer": ans,
+                  "seconds": round(time.monotonic() - t0, 1)}))
+sys.exit(0 if s == 200 else 1)
+PY
+"""
+
+
+def install_service(remote: Remote, remote_dir: str, facts: dict, unit_text: str, log=_say) -> dict:
+    """Install and start the daemon on the device (after the release is current)."""
+    absdir = facts.get("remote_dir_abs") or remote.run(f"cd {shlex.quote(remote_dir)} && pwd").stdout.strip()
+    unit = render_unit(unit_text, remote_dir=absdir, user=remote.user)
+    config = render_config(service_files()[1], absdir)
+    log(f"installing the daemon's service on {remote.where}")
+    script = _SERVICE % {"dir": shlex.quote(remote_dir), "unit": shlex.quote(unit), "unit_name": SERVICE_UNIT,
+                         "config": shlex.quote(config), "sep": SEP}
+    r = remote.run("bash -s", input=script, check=False, what="the service install", timeout=600)
+    out, _, check = r.stdout.partition(SEP + "\n")
+    try:
+        answer = json.loads(check.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        answer = {"ok": False}
+    if r.returncode != 0 or not answer.get("ok"):
+        tail = "\n".join((r.stderr.strip() + "\n" + r.stdout.strip()).strip().splitlines()[-30:])
+        raise DeployError(f"{remote.where}: the daemon did not start or answer (exit {r.returncode}); the "
+                          f"release is installed, the service is not serving:\n{tail}")
+    mode = next((ln.split("=", 1)[1] for ln in out.splitlines() if ln.startswith("mode=")), "?")
+    log(f"{remote.where}: the daemon serves {absdir}/data/bundle on {absdir}/run/daemon.sock ({mode})")
+    return {"mode": mode, "unit": f"{absdir}/service/{SERVICE_UNIT}",
+            "config": f"{absdir}/service/daemon.json", "socket": f"{absdir}/run/daemon.sock",
+            "bundle": f"{absdir}/data/bundle", "check": answer,
+            "log": out.strip().splitlines()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
