@@ -25,7 +25,7 @@ def task_entry(run: Run, t: int) -> dict:
     m = run.method
     info = m.tasks[t]
     return {"name": info["name"], "classes": info["classes"], "n_classes": len(info["classes"]),
-            "method": m.name, "kind": m.kind,
+            "method": m.name, "kind": m.kind, "hparams": dict(m.hp),
             "metrics": {"host_acc": run.acc_matrix[t][t], "before_acc": m.before_acc[t],
                         "init_acc": m.init_acc[t], **m.task_metrics(t)}}
 

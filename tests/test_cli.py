@@ -100,6 +100,7 @@ def test_train_bundle_eval_infer_inspect(tmp_path, capsys):
     assert main(["inspect", str(bundle)]) == 0
     text = capsys.readouterr().out
     assert "digits-2-3" in text and "packnet" in text and "1.0000" in text and "sha256" in text
+    assert "packnet trained with: batch_size=32, epochs=30, lr=0.001, prune=0.6" in text  # the run's knobs
     # a second bundle call adds nothing; a continued run adds one version
     assert main(["bundle", str(run), "--out", str(bundle)]) == 0
     assert "nothing written" in capsys.readouterr().out

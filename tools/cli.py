@@ -321,6 +321,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sig = m.get("signature")
     signed = f"key {sig['key']} (check: edgecl verify --trust-store DIR)" if sig else "none"
     print(f"signature: {signed}; bundle id {m.get('bundle_id', '- (format 1)')}")
+    for method, hp in sorted({t["method"]: t.get("hparams") for t in b.tasks if t.get("hparams")}.items()):
+        print(f"{method} trained with: {', '.join(f'{k}={v}' for k, v in hp.items())}")
     print(tables.render(["masked node", "op", "weight", "shape"],
                         [[s.node, s.op, s.weight, tuple(s.shape)] for s in graph.mask_sites()]))
     print()

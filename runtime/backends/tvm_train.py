@@ -65,7 +65,7 @@ class TrainStep:
     def __init__(self, bundle: Bundle, target: str | None = None) -> None:
         name, entry = train_step_entry(bundle, target)
         if not entry or "file" not in entry:
-            why = (entry or {}).get("status", "run edgecl.compiler.tvm_build.compile_bundle")
+            why = (entry or {}).get("status", f"run: edgecl compile {bundle.root} --target host")
             raise BackendUnavailable(f"the bundle holds no TVM train step for "
                                      f"{target or 'this machine'}: {why}")
         self.bundle, self.target, self.entry = bundle, name, entry
