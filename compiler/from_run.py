@@ -42,6 +42,7 @@ def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True, ke
     out = Path(out)
     model, backbone = model_entry(run), run.method.export_backbone()
     start = 0
+    revised: list[int] = []  # old tasks a later one took weights from (release modes): new revisions
     if (out / MANIFEST).exists():
         have = Bundle.open(out)
         if have.model != model:
@@ -53,23 +54,44 @@ def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True, ke
         for t, name in enumerate(have.task_names):
             stored = have.task_tensors(name)
             fresh = run.method.export_task(t)
-            if stored.keys() != fresh.keys() or any(
-                    not np.array_equal(stored[k], fresh[k]) for k in fresh):
-                raise BundleError(out / have.task(name)["file"],
-                                  f"task {name!r} differs from the run's; bundle it anew")
+            if stored.keys() == fresh.keys() and all(np.array_equal(stored[k], fresh[k]) for k in fresh):
+                continue
+            if _released(run, t, stored, fresh):
+                revised.append(t)
+                continue
+            raise BundleError(out / have.task(name)["file"],
+                              f"task {name!r} differs from the run's; bundle it anew")
         start = len(have.task_names)
     data = []
     if routers:
         stream = load_spec(run.config["stream"])
         data = [(t.name, t.x_train, t.y_train) for t in stream.tasks[: len(run.tasks)]]
     versions = []
-    for t in range(start, len(run.tasks)):
+    for t in range(start, len(run.tasks)) if start < len(run.tasks) or not revised else [None]:
         with Transaction(out, key=key) as tx:
             tx.add_graph(MAIN, model)
             tx.add_backbone(MAIN, backbone)
             tx.manifest["stream"] = run.config["stream"]
-            tx.add_task(task_entry(run, t), run.method.export_task(t))
-            if routers:
-                set_routers(tx, refit(tx.candidate(), data[: t + 1]))
+            for j in revised:  # in the version of the task that caused them, never silently
+                tx.add_task(task_entry(run, j), run.method.export_task(j), supersede=True)
+            revised = []
+            if t is not None:
+                tx.add_task(task_entry(run, t), run.method.export_task(t))
+                if routers:
+                    set_routers(tx, refit(tx.candidate(), data[: t + 1]))
         versions.append(tx.version)
     return versions
+
+
+def _released(run: Run, t: int, stored: dict, fresh: dict) -> bool:
+    """Task ``t`` of the run is a later revision of the stored one that only gave weights
+    back (a method's release mode): same head, its mask a subset of the stored mask."""
+    if getattr(run.method, "task_revision", lambda _t: 1)(t) <= 1 or stored.keys() != fresh.keys():
+        return False
+    for k in fresh:
+        if k.startswith("mask."):
+            if np.any(np.asarray(fresh[k]) & ~np.asarray(stored[k])):
+                return False
+        elif not np.array_equal(stored[k], fresh[k]):
+            return False
+    return True
