@@ -119,7 +119,7 @@ def test_demo_end_to_end(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     table = r.stdout.split("=== Split-Digits")[-1]
-    for method in ("packnet", "supsup", "piggyback", "hat", "tss", "epi"):
+    for method in ("packnet", "supsup", "piggyback", "hat", "tss", "epi", "hashing"):
         row = next(line for line in table.splitlines() if line.strip().startswith(method))
         acc, bwt = row.split()[1:3]
         assert float(acc) >= 0.97 and float(bwt) == 0.0

@@ -62,6 +62,9 @@ def _parts(kind: str, g: Graph) -> tuple[dict, dict]:
         return {}, get_kind(kind).encode(soft, g)
     if kind == "hashed":
         return {}, {f"hash.{s.node}": hash_params(100 + i, 0.3) for i, s in enumerate(sites)}
+    if kind == "hash_chain":
+        rows = np.array([[100, 2**31], [200, 2**30]], np.uint32)
+        return {}, {"chain.mode": np.array([0], np.uint8), **{f"chain.{s.node}": rows for s in sites}}
     if kind == "lora":
         s = sites[1]
         return {}, {f"lora.{s.node}.a": _f32(2, 24), f"lora.{s.node}.b": _f32(16, 2),
@@ -74,7 +77,7 @@ def _parts(kind: str, g: Graph) -> tuple[dict, dict]:
     raise AssertionError(kind)
 
 
-ORDER = ["weight_bits", "unit_gates", "soft_mask", "hashed", "lora", "modules", "merged"]
+ORDER = ["weight_bits", "unit_gates", "soft_mask", "hashed", "hash_chain", "lora", "modules", "merged"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,11 @@ def _expected(b: Bundle, kind: str) -> dict[str, np.ndarray]:
             h = (h * 0xC2B2AE35) & 0xFFFFFFFF
             h ^= h >> 16
             out[s.weight] = np.where((h < thr).reshape(w.shape), w, np.float32(0))
+        elif kind == "hash_chain":  # mode 0: the union of every row's picks
+            keep = np.zeros(w.size, dtype=bool)
+            for seed, thr in t[f"chain.{n}"]:
+                keep |= hash_mask(w.size, int(seed), int(thr))
+            out[s.weight] = np.where(keep.reshape(w.shape), w, np.float32(0))
         elif kind == "lora" and f"lora.{n}.a" in t:
             out[s.weight] = w + t["lora.scale"][0] * (t[f"lora.{n}.b"] @ t[f"lora.{n}.a"])
     if kind == "modules":
@@ -228,6 +236,7 @@ CORRUPT = [
     ("soft_mask", "soft.fc2", lambda t: (t.astype(np.float32) + 0.75).astype(np.float16), "[0, 1]"),
     ("soft_mask", "soft.fc1", lambda t: np.full_like(t, np.nan), "[0, 1]"),
     ("hashed", "hash.fc1", lambda t: t[:1], "shape"),
+    ("hash_chain", "chain.fc1", lambda t: t[:, :1], "shape"),
     ("lora", "lora.fc2.b", lambda t: t[:, :1], "shape"),
     ("lora", "lora.scale", lambda t: np.array([np.inf], np.float32), "infinite"),
     ("modules", "param.adapter.weight", lambda t: t.reshape(-1), "shape"),

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True,
                    help="split-digits, permuted-digits, or PATH.npz (arrays x, y, optional task)")
     t.add_argument("--method", required=True,
-                   choices=["packnet", "supsup", "piggyback", "hat", "tss", "epi"])
+                   choices=["packnet", "supsup", "piggyback", "hat", "tss", "epi", "hashing"])
     t.add_argument("--out", required=True, help="run directory (an existing one is continued)")
     t.add_argument("--tasks", type=_positive, help="learn only the first N tasks of the stream")
     t.add_argument("--seed", type=int, default=0)
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
     d.add_argument("--out", default="demo-out", help="where runs and bundles go")
-    d.add_argument("--methods", default="packnet,supsup,piggyback,hat,tss,epi")
+    d.add_argument("--methods", default="packnet,supsup,piggyback,hat,tss,epi,hashing")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from .added import LoRA, Merged, Modules
 from .base import Params, TaskKind, TaskView, check_head
+from .hashing import HashChain
 from .selection import Hashed, SoftMask, UnitGates, WeightBits, hash_mask, hash_params
 
 KINDS: dict[str, TaskKind] = {k.name: k for k in (WeightBits(), UnitGates(), SoftMask(), Hashed(),
-                                                   LoRA(), Modules(), Merged())}
+                                                   HashChain(), LoRA(), Modules(), Merged())}
 
 
 class UnknownKindError(KeyError):
