@@ -287,10 +287,24 @@ class Transaction:
             raise BundleError(self.root / MANIFEST, "a bundle needs a backbone")
         m.update(edgecl_version=edgecl.__version__,
                  created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        # files this commit brings into being: removed again if it fails (a full disk, say),
+        # so a failed commit leaves the directory as it was (a SIGKILL leaves them for gc)
+        created: list[Path] = []
+        try:
+            return self._write_files(m, created)
+        except BaseException:
+            for p in reversed(created):
+                p.unlink(missing_ok=True)
+            raise
+
+    def _write_files(self, m: dict, created: list[Path]) -> int:
         for rel, data in sorted(self.files.items()):
             path = self.root / rel
             if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+                existed = path.exists()
                 atomic_write_bytes(path, data)
+                if not existed:
+                    created.append(path)
             digest = self._digests.get(rel) or hashlib.sha256(data).hexdigest()
             m["files"][rel] = {"sha256": digest, "bytes": len(data)}
         entry = {"version": m["version"], "created_utc": m["created_utc"], "parts": self.parts}
@@ -306,7 +320,11 @@ class Transaction:
 
             m["signature"] = sign_manifest(self.key, signed_body(m))
         raw = serialize_manifest(m)
-        atomic_write_bytes(self.root / version_file(m["version"]), raw)
+        vpath = self.root / version_file(m["version"])
+        existed = vpath.exists()
+        atomic_write_bytes(vpath, raw)
+        if not existed:
+            created.append(vpath)
         atomic_write_bytes(self.root / MANIFEST, raw)
         return int(m["version"])
 

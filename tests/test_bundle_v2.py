@@ -401,3 +401,32 @@ def test_the_trust_store_from_the_environment_with_a_separate_version_record(tmp
     np.save(tmp_path / "x.npy", np.zeros((1, 16), np.float32))
     assert cli(["infer", str(unsigned), "--task", "0", "--input", str(tmp_path / "x.npy")]) == 2
     assert "unsigned" in capsys.readouterr().err
+
+
+def test_a_commit_that_fails_late_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    """The disk fills at the very last write (the manifest swap): the task, router and
+    version files this commit had already written are removed again."""
+    import errno
+
+    from edgecl.runtime import bundle_write
+
+    root = make_bundle(tmp_path / "b", n_tasks=2)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    real = bundle_write.atomic_write_bytes
+
+    def full_at_manifest(path, data):
+        if Path(path).name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(bundle_write, "atomic_write_bytes", full_at_manifest)
+    g = _graph()
+    with pytest.raises(OSError, match="No space left"), Transaction(root, key=None) as tx:
+        tx.add_task(*_task(g, "t2", 2))
+        set_routers(tx, refit(tx.candidate(), [_data("t2", 2)], names=["prototype"]))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == files
+    assert Bundle.open(root).version == 2
+    monkeypatch.setattr(bundle_write, "atomic_write_bytes", real)
+    with Transaction(root, key=None) as tx:
+        tx.add_task(*_task(g, "t2", 2))
+    assert Bundle.open(root).task_names == ["t0", "t1", "t2"] and Bundle.open(root).versions() == [1, 2, 3]
