@@ -32,6 +32,7 @@ import struct
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from .bundle_format import fsync_dir
 from .errors import BundleError
 
 MAGIC = b"EDGECLPK"
@@ -81,14 +82,6 @@ def _relpath_problem(rel: object) -> str | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_file(dest: Path, fill) -> None:
     """Create ``dest`` so that a crash leaves the old file or the whole new one.
 
@@ -106,7 +99,7 @@ def _atomic_file(dest: Path, fill) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def _copy_range(fd: int, offset: int, length: int, out, where: str) -> None:
@@ -460,7 +453,7 @@ def _makedirs(d: Path) -> None:
         return
     _makedirs(d.parent)
     d.mkdir(exist_ok=True)
-    _fsync_dir(d.parent)
+    fsync_dir(d.parent)
 
 
 def _same_file(pk: PackFile, rel: str, p: Path) -> bool:
