@@ -73,14 +73,31 @@ def bundle_run(run_dir: str | Path, out: str | Path, *, routers: bool = True, ke
             tx.add_backbone(MAIN, backbone)
             tx.manifest["stream"] = run.config["stream"]
             for j in revised:  # in the version of the task that caused them, never silently
-                tx.add_task(task_entry(run, j), run.method.export_task(j), supersede=True)
+                tx.add_task(_with_own_parts(tx, run, j), run.method.export_task(j), supersede=True)
             revised = []
             if t is not None:
-                tx.add_task(task_entry(run, t), run.method.export_task(t))
+                tx.add_task(_with_own_parts(tx, run, t), run.method.export_task(t))
                 if routers:
                     set_routers(tx, refit(tx.candidate(), data[: t + 1]))
         versions.append(tx.version)
     return versions
+
+
+def _with_own_parts(tx: Transaction, run: Run, t: int) -> dict:
+    """Task ``t``'s entry, with the graph and backbone of its own (if the method gives it
+    one) added to the version first."""
+    entry = task_entry(run, t)
+    own_graph = run.method.task_graph(t)
+    if own_graph is not None:
+        name, graph = own_graph
+        tx.add_graph(name, graph_model_entry(graph, run.config["arch"]))
+        entry["graph"] = name
+    own_backbone = run.method.task_backbone(t)
+    if own_backbone is not None:
+        name, tensors = own_backbone
+        tx.add_backbone(name, tensors, graph=MAIN)
+        entry["backbone"] = name
+    return entry
 
 
 def _released(run: Run, t: int, stored: dict, fresh: dict) -> bool:

@@ -26,6 +26,20 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+# The tests that boot the emulated Pi share its root file system, its cache and its ssh
+# port: under pytest-xdist (scripts/test.sh runs two workers) they go to one worker.
+EMULATED = ("test_deploy_emulated.py", "test_daemon.py::test_deploy_service_on_the_emulated_pi")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, so the two workers share the long ones instead of one worker
+    finishing the suite alone with them; the emulated-Pi tests in one xdist group."""
+    for item in items:
+        if any(e in item.nodeid for e in EMULATED):
+            item.add_marker(pytest.mark.xdist_group("emulated-pi"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def digits():
     return split_digits(0)

@@ -79,6 +79,16 @@ class Method(ABC):
     def task_gates(self, t: int) -> dict[str, torch.Tensor] | None:
         return None
 
+    def task_graph(self, t: int) -> tuple[str, Graph] | None:
+        """A graph of task ``t``'s own, by name (parameters it adds: an adapter, a new
+        column, experts; task kind ``modules``), or None: the main graph."""
+        return None
+
+    def task_backbone(self, t: int) -> tuple[str, dict[str, np.ndarray]] | None:
+        """The backbone task ``t`` runs on when it is not the main one (a model the method
+        spawned), by name, with its weights as the run ends; None: the main backbone."""
+        return None
+
     @abstractmethod
     def export_task(self, t: int) -> dict[str, np.ndarray]:
         """The task file's tensors: ``mask.<node>`` bits or ``gate.<node>`` units, head."""

@@ -70,7 +70,9 @@ class ForgettingError(LearnError):
 
 def _child_env() -> dict:
     env = dict(os.environ)
-    env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB glibc arenas in the address space
+    # One glibc arena: each extra one reserves 64 MiB of address space, and a thread the
+    # probe did not start (a library's helper) would make one past the child's RLIMIT_AS.
+    env.setdefault("MALLOC_ARENA_MAX", "1")
     # Arrays below 32 MiB from the heap, and up to 64 MiB of freed heap kept rather than
     # returned to the kernel: every step allocates its activations afresh, and with glibc's
     # defaults each one is a new mapping whose pages fault in again (about half of a

@@ -43,6 +43,10 @@ class Progress:
             try:
                 from tqdm import tqdm
 
+                # tqdm's monitor thread wakes after 10 s and allocates: in the learning
+                # child that makes a glibc arena (64 MiB of address space) the probe never
+                # had, past RLIMIT_AS on a slow run. The bar refreshes on update() anyway.
+                tqdm.monitor_interval = 0
                 self.bar = tqdm(total=total, initial=done, desc=desc, unit="step", file=sys.stderr,
                                 dynamic_ncols=True)
             except ImportError:
