@@ -152,3 +152,30 @@ def test_bench_zoo_quick_plumbing(tmp_path, monkeypatch, capsys):
     made = (Path(bundle) / "manifest.json").stat().st_mtime_ns
     assert main(["bench", "zoo", "--models", "ds-cnn", "--quick", "--backends", "ort", "--batch", "1"]) == 0
     assert (Path(bundle) / "manifest.json").stat().st_mtime_ns == made  # cached: not trained again
+
+
+@pytest.mark.slow
+def test_bench_methods_one_run_every_figure(tmp_path, capsys):
+    """`edgecl bench methods`: the figures of each method measured in one run on one stream:
+    accuracy through the runtime, zero BWT, storage, a latency, the router's task-ID
+    accuracy, and what a device holds for each number of tasks (growing with N)."""
+    out, png = tmp_path / "methods.json", tmp_path / "growth.png"
+    assert main(["bench", "methods", "--methods", "packnet,hat", "--workdir", str(tmp_path / "w"),
+                 "--json", str(out), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out.split("=== all methods")[-1]
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["packnet", "hat"]
+    for r in rows:
+        assert r["method"] in table
+        assert r["acc"] >= 0.97 and r["bwt"] == 0.0 and r["latency_us_b1"] > 0 and r["train_s"] > 0
+        assert 0.9 <= r["task_id_acc"] <= 1.0 and r["bits_per_weight_per_task"] > 0
+        assert [p["tasks"] for p in r["per_n_tasks"]] == [1, 2, 3, 4, 5]
+        flash = [p["flash_bytes"] for p in r["per_n_tasks"]]
+        assert all(b > a for a, b in zip(flash, flash[1:], strict=False))  # a task file per task
+        assert all(p["ram_bytes"] > 0 for p in r["per_n_tasks"])
+    assert png.stat().st_size > 0
+
+
+def test_bench_methods_refuses_an_unknown_method(capsys):
+    assert main(["bench", "methods", "--methods", "packnet,nope"]) != 0
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err

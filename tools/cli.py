@@ -384,17 +384,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_daemon import main as bench_daemon
 
         return bench_daemon(args)
+    if args.bundle == "methods":
+        from .bench_methods import main as bench_methods
+
+        return bench_methods(args)
     from . import bench
 
     if not Path(args.bundle).exists():
-        raise EdgeclError(f"{args.bundle}: no such bundle (or say zoo, kernels, learn, open or daemon)")
+        raise EdgeclError(f"{args.bundle}: no such bundle "
+                          "(or say zoo, kernels, learn, open, daemon or methods)")
     return bench.main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from edgecl.models.methods import METHODS
+
     from .demo import run_demo
 
-    return run_demo(Path(args.out), methods=args.methods.split(","), seed=args.seed)
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EdgeclError(f"edgecl demo: unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    return run_demo(Path(args.out), methods=methods, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,8 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="learn a task stream on the host into a run directory")
     t.add_argument("--data", required=True,
                    help="split-digits, permuted-digits, or PATH.npz (arrays x, y, optional task)")
+    # no argparse choices: the methods' registry imports torch, which start-up must not
     t.add_argument("--method", required=True,
-                   choices=["packnet", "supsup", "piggyback", "hat", "tss", "epi", "hashing"])
+                   help="a method of the README's table (packnet, supsup, piggyback, hat, tss, epi, "
+                        "hashing, ...); an unknown name is refused with the list")
     t.add_argument("--out", required=True, help="run directory (an existing one is continued)")
     t.add_argument("--tasks", type=_positive, help="learn only the first N tasks of the stream")
     t.add_argument("--seed", type=int, default=0)
@@ -489,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("bench", help="benchmark backends and peers side by side; 'edgecl bench zoo': "
                                      "every zoo model; 'edgecl bench kernels': the C kernels against "
-                                     "numpy; 'edgecl bench learn': the device learner against PyTorch")
+                                     "numpy; 'edgecl bench learn': the device learner against PyTorch; "
+                                     "'edgecl bench methods': every method on one stream")
     bench.add_arguments(k)
     from .bench_learn import add_zoo_arguments
 
@@ -500,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_daemon import add_arguments as add_daemon_arguments
 
     add_daemon_arguments(k)  # edgecl bench daemon
+    from .bench_methods import add_arguments as add_methods_arguments
+
+    add_methods_arguments(k)  # edgecl bench methods
     k.set_defaults(func=bench.zoo_or(cmd_bench))  # edgecl bench zoo: tools/bench_zoo.py
 
     from . import deploy, device_test_cmd, learn_cmd
@@ -530,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train, bundle and evaluate every method on Split-Digits")
     d.add_argument("--out", default="demo-out", help="where runs and bundles go")
-    d.add_argument("--methods", default="packnet,supsup,piggyback,hat,tss,epi,hashing")
+    d.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
