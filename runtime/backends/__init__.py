@@ -66,6 +66,9 @@ class Backend:
         return cls(bundle, **options)
 
     def activate(self, task: str | int) -> None:
+        active = self.task
+        if active is not None and (task == active["name"] or (type(task) is int and task == active["index"])):
+            return  # the common case of a serving loop: no manifest lookup per call
         info = self.bundle.task(task)
         if self.task is not None and self.task["name"] == info["name"]:
             return
