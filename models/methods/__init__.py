@@ -2,13 +2,26 @@
 
 from .base import MASK_BITS, MASK_UNITS, Method
 from .epi import EPI
+from .experts import Experts
 from .hashing import Hashing
 from .hat import HAT
 from .packnet import PackNet
+from .pnn import PNN
 from .supsup import Piggyback, SupSup
 from .tss import TSS
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (PackNet, SupSup, Piggyback, HAT, TSS, EPI, Hashing)}
+# One line per method (the demo, the CLI and the bench tables list them in this order).
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    PackNet,
+    SupSup,
+    Piggyback,
+    HAT,
+    TSS,
+    EPI,
+    Hashing,
+    PNN,
+    Experts,
+)}
 
-__all__ = ["EPI", "HAT", "MASK_BITS", "MASK_UNITS", "METHODS", "Hashing", "Method", "PackNet", "Piggyback",
-           "SupSup", "TSS"]
+__all__ = ["EPI", "Experts", "HAT", "MASK_BITS", "MASK_UNITS", "METHODS", "Hashing", "Method",
+           "PackNet", "Piggyback", "PNN", "SupSup", "TSS"]

@@ -29,6 +29,7 @@ from .nn import Conv, Gather, Linear, MatMul
 from .norm import BatchNormalization, LayerNormalization
 from .pool import AveragePool, GlobalAveragePool, MaxPool, ReduceMean
 from .shape import Concat, Flatten, Reshape, Transpose
+from .topk import KeepTopK
 
 OPS: dict[str, Op] = {cls.name: cls() for cls in (
     Conv, Linear, MatMul, Gather,
@@ -36,6 +37,7 @@ OPS: dict[str, Op] = {cls.name: cls() for cls in (
     MaxPool, AveragePool, GlobalAveragePool, ReduceMean,
     Flatten, Reshape, Transpose, Concat,
     BatchNormalization, LayerNormalization,
+    KeepTopK,
 )}
 
 

@@ -23,7 +23,7 @@ def _grad_scores(runtime, x: np.ndarray, task: str) -> tuple[np.ndarray, np.ndar
     from .. import executor
 
     active = runtime.activate(task)
-    a = executor.features(runtime.bundle.graph, active.params, x)
+    a = executor.features(active.graph, active.params, x)  # the task's own graph, if it has one
     hw, hb = active.head
     pred = (a @ hw.T + hb).argmax(axis=1)
     g = np.abs(a * hw[pred])  # gradient of the winning logit times activation, per unit
