@@ -111,6 +111,8 @@ class Session:
             raise BackendUnavailable("no provider is usable: " + "; ".join(f"{k}: {v}" for k, v in
                                                                              self.skipped.items()))
         self._router = None
+        self._per_task: dict = {}  # task key -> the backend serving it (see serving())
+        self._reference = None  # the numpy backend, opened for the first task it must serve
         self._manifest_stamp = self._stamp()
 
     def _stamp(self) -> tuple[int, int]:
@@ -153,12 +155,27 @@ class Session:
     def check_input(self, x: np.ndarray) -> np.ndarray:
         return self.backend.runtime.check_input(x)
 
+    def serving(self, task: str | int):
+        """The backend that serves ``task``: the chosen one, or the numpy reference for a
+        task on a graph of its own (added modules) that the chosen compiled backend does not
+        run (it was compiled for the main graph)."""
+        if self.backend.any_graph:
+            return self.backend
+        hit = self._per_task.get(task)
+        if hit is None:
+            own = self.bundle.task_graph(self.bundle.task(task)["name"]) != self.bundle.graph
+            if own and self._reference is None:
+                self._reference = backend_class("numpy").open(self.bundle, cache_bytes=self.cache_bytes,
+                                                              threads=self.threads)
+            hit = self._per_task[task] = self._reference if own else self.backend
+        return hit
+
     def logits(self, x: np.ndarray, task: str | int) -> np.ndarray:
-        return self.backend.logits(x, task)
+        return self.serving(task).logits(x, task)
 
     def predict(self, x: np.ndarray, task: str | int) -> np.ndarray:
         """Labels of the named task (in its own label space, its ``classes``)."""
-        return self.backend.predict(x, task)
+        return self.serving(task).predict(x, task)
 
     @property
     def router(self):
@@ -188,7 +205,7 @@ class Session:
             if t == UNKNOWN:
                 continue
             sel = np.flatnonzero(d.task == t)
-            labels = self.backend.predict(x[sel], int(t))
+            labels = self.serving(int(t)).predict(x[sel], int(t))
             for i, p in zip(sel, labels, strict=True):
                 pred[int(i)] = int(p)
         return Routed([None if t == UNKNOWN else names[int(t)] for t in d.task], d.task,

@@ -30,16 +30,15 @@ from .conftest import _quiet
 
 @pytest.fixture(scope="module")
 def pnn_run(tmp_path_factory):
-    """The default MLP, seed 0: two tasks first (snapshot), then all five, bundled.
-    (Routers off: the gradient router reads the main graph's features, which a task on a
-    graph of its own does not have; see the lead's note in docs/method-pnn.md.)"""
+    """The default MLP, seed 0: two tasks first (snapshot), then all five, bundled with
+    the task-ID routers (each fitted on features of the task's own graph)."""
     root = tmp_path_factory.mktemp("pnn")
     train("split-digits", "pnn", root / "run", seed=0, n_tasks=2, log=_quiet)
     early = load_run(root / "run").method
     snapshot = {"state": {k: v.clone() for k, v in early.state_dict().items()},
                 "files": [early.export_task(t) for t in range(2)]}
     train("split-digits", "pnn", root / "run", seed=0, log=_quiet)
-    bundle_run(root / "run", root / "bundle", routers=False)
+    bundle_run(root / "run", root / "bundle")
     return root / "run", root / "bundle", snapshot
 
 
@@ -141,6 +140,16 @@ def test_compiled_backends_refuse_a_column_task_by_name(pnn_run, tmp_path):
     np.testing.assert_allclose(be.logits(x, 0), Runtime(dst).logits(x, 0), atol=1e-5)
     with pytest.raises(BackendUnavailable, match=r"task 'digits-2-3' runs on graph 'pnn-columns-2'.*numpy"):
         be.logits(x, 1)
+    # a Session on that provider serves the column tasks with the numpy reference instead,
+    # and routes among every task
+    from edgecl.runtime import Session
+
+    s = Session(dst, providers=["onnxruntime"])
+    assert s.provider == "onnxruntime" and s.serving(0) is s.backend and s.serving(1).name == "numpy"
+    for t in range(5):
+        np.testing.assert_allclose(s.logits(x, t), Runtime(dst).logits(x, t), atol=1e-5)
+    routed = s.run(split_digits(0).tasks[3].x_test.reshape(-1, 64))
+    assert np.mean([n == "digits-6-7" for n in routed.task_names]) >= 0.9
 
 
 def _check_torch_numpy(g: Graph, seed: int = 0) -> None:
