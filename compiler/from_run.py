@@ -87,6 +87,9 @@ def _with_own_parts(tx: Transaction, run: Run, t: int) -> dict:
     """Task ``t``'s entry, with the graph and backbone of its own (if the method gives it
     one) added to the version first."""
     entry = task_entry(run, t)
+    deps = run.method.task_depends(t)
+    if deps:
+        entry["depends"] = [run.method.tasks[d]["name"] for d in deps]
     own_graph = run.method.task_graph(t)
     if own_graph is not None:
         name, graph = own_graph

@@ -59,7 +59,8 @@ def task_view(bundle: Bundle, key: str | int) -> tuple[TaskKind, TaskView]:
     return kind, view
 
 
-def activate(bundle: Bundle, key: str | int, _seen: tuple[str, ...] = ()) -> ActiveTask:
+def activate(bundle: Bundle, key: str | int, _seen: tuple[str, ...] = (),
+             _done: dict | None = None) -> ActiveTask:
     """Materialize one task's parameters from the mapped backbone and its task file,
     through its kind. Parameters the kind does not touch stay views into the mapped
     backbone (no copy)."""
@@ -68,9 +69,12 @@ def activate(bundle: Bundle, key: str | int, _seen: tuple[str, ...] = ()) -> Act
     if name in _seen:
         raise BundleError(bundle.where("manifest.json"), f"task {name!r} depends on itself "
                                                          f"(through {' -> '.join(_seen)})")
+    done = {} if _done is None else _done  # each task once per activation, however many depend on it
 
     def resolve(dep: str) -> dict[str, np.ndarray]:
-        return activate(bundle, dep, _seen + (name,)).params
+        if dep not in done:
+            done[dep] = activate(bundle, dep, _seen + (name,), done).params
+        return done[dep]
 
     params = kind.materialize(view, resolve)
     base = {n: view.backbone[n] for n in view.graph.params if n in view.backbone}

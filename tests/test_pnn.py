@@ -108,9 +108,11 @@ def test_task_graphs_grow_a_column_per_task(pnn_run):
         assert {f"c{t + 1}.lat{j}.fc2.weight" for j in range(1, t + 1)} <= set(g.params)
         # earlier columns only as far as the laterals read them: their fc2 is not run or stored
         assert not any(p.startswith(f"c{k}.fc2") for k in range(2, t + 1) for p in g.params)
-        stored = b.task_tensors(t)
-        assert {k[len("param."):] for k in stored if k.startswith("param.")} == \
-            {p for p in g.params if p not in m.params}
+        stored = b.task_tensors(t)  # its own column only; earlier columns come from their tasks' files
+        own = {k[len("param."):] for k in stored if k.startswith("param.")}
+        assert own == {p.name for p in m.added_params(t)}
+        assert b.task(t)["depends"] == [b.task_names[j] for j in range(1, t)]
+        assert set(Runtime(pnn_run[1]).activate(t).params) >= set(g.params)
         assert b.task(t)["metrics"]["stored_params"] == sum(v.size for k, v in stored.items()
                                                             if k.startswith("param."))
 
@@ -232,8 +234,26 @@ def test_growth_report_from_the_bundle(pnn_run, tmp_path):
         assert r["ram_bytes"] == held  # a modules task needs no working copy besides its file
     backbone_file = (pnn_run[1] / b.backbone_file()).stat().st_size
     assert rows[-1]["cum_bytes"] == backbone_file + sum(r["file_bytes"] for r in rows)
-    # from task 3 on, a file repeats earlier columns' first layers: the report says by how much
-    dup = [r["cum_bytes"] - r["cum_unique_bytes"] for r in rows]
-    assert dup[:2] == [0, 0] and all(b > a for a, b in zip(dup[1:], dup[2:], strict=False))
+    # each column is stored once: what version N adds is task N's file alone
+    assert all(b["cum_bytes"] - a["cum_bytes"] == b["file_bytes"]
+               for a, b in zip(rows, rows[1:], strict=False))
     assert main([str(pnn_run[1]), "--json", str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_column_found_in_no_file_is_named(pnn_run):
+    """Task 3's file holds column 4 only; columns 2 and 3 come from the tasks it depends on.
+    Without them (or without ``depends``) the error names the missing parameter."""
+    from edgecl.runtime.errors import BundleError
+    from edgecl.runtime.kinds import TaskView, get_kind
+
+    b = Bundle.open(pnn_run[1])
+    entry, tensors, g = dict(b.task(3)), b.task_tensors(3), b.task_graph(3)
+    kind = get_kind("modules")
+    view = TaskView(entry, tensors, g, b.backbone, "task-3-file")
+    kind.validate(view)
+    with pytest.raises(BundleError, match=r"task-3-file.*param\.c2\..*neither in the task file nor in the "
+                                          r"tasks it depends on \(digits-2-3, digits-4-5\)"):
+        kind.materialize(view, lambda _dep: {})
+    with pytest.raises(BundleError, match=r"task-3-file.*lacks tensor 'param\.c2\."):
+        kind.validate(TaskView({**entry, "depends": []}, tensors, g, b.backbone, "task-3-file"))

@@ -9,9 +9,6 @@ For every bundle (one method each) and every task ``i`` (in learning order):
   main backbone (``n_weights`` of its graph), so methods on the same backbone compare;
 * ``cum_bytes``: the backbone file plus the files of tasks ``1..i`` (the flash of the
   version holding tasks ``1..i``, as ``edgecl bench methods`` counts it);
-* ``cum_unique_bytes``: the same without the ``param.*`` tensors an earlier task's file
-  already holds (what a ``modules`` kind resolving earlier columns or experts from the
-  tasks it ``depends`` on would store; equal to ``cum_bytes`` for the mask kinds);
 * ``ram_bytes``: what a device holds to serve any of tasks ``1..i`` without reading
   storage: the backbone's tensors, every task file's tensors, and the largest working
   copy one active task needs besides them (``W ⊙ M`` of a mask task; nothing for a
@@ -19,7 +16,7 @@ For every bundle (one method each) and every task ``i`` (in learning order):
   activating each task through the runtime.
 
 ``edgecl bench methods`` measures the resident memory of a process instead (RSS); this
-report adds bits per backbone weight, the duplicate-free storage and the RAM by parts,
+report adds bits per backbone weight and the RAM by parts,
 from any bundle already written. ``--plot`` draws cumulative storage per method (PNN's
 growth against the flat mask methods).
 """
@@ -56,24 +53,19 @@ def growth_rows(path: str | Path) -> list[dict]:
     for v in b.versions():
         bv = Bundle.open(path, version=v, verify=False)
         first_with.setdefault(len(bv.task_names), bv)
-    rows, held, work, dup = [], backbone, 0, 0
-    seen: set[str] = set()
+    rows, held, work = [], backbone, 0
     for i, t in enumerate(b.tasks):
         stored = b.task_tensors(t["name"])
         size = b.store.size(t["file"])
         # flash of the version with tasks 1..i+1, as `edgecl bench methods` counts it
         cum = flash_bytes(first_with.get(i + 1, b))
-        # an added parameter an earlier task's file already holds (a PNN column, an expert)
-        # is a duplicate that a kind resolving it from that task would not store again
-        dup += sum(a.nbytes for k, a in stored.items() if k.startswith("param.") and k in seen)
-        seen |= set(stored)
         held += sum(a.nbytes for a in stored.values())
         work = max(work, _working_bytes(b, t["name"]))
         g = b.task_graph(t["name"])
         rows.append({"method": t["method"], "kind": t["kind"], "task": i + 1, "name": t["name"],
                      "backbone_bytes": backbone, "n_weights": main.n_weights, "file_bytes": size,
                      "bits_per_weight": round(8.0 * size / n_weights, 4), "cum_bytes": cum,
-                     "cum_unique_bytes": cum - dup, "ram_bytes": held + work, "graph_params": g.n_params})
+                     "ram_bytes": held + work, "graph_params": g.n_params})
     return rows
 
 
@@ -88,10 +80,7 @@ def plot(rows: Sequence[dict], out: str | Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         x = [r["task"] for r in mine]
-        line, = ax.plot(x, [r["cum_bytes"] / 1024 for r in mine], marker="o", label=method)
-        if any(r["cum_unique_bytes"] < r["cum_bytes"] - 4096 for r in mine):  # duplicates stored
-            ax.plot(x, [r["cum_unique_bytes"] / 1024 for r in mine], ls="--", color=line.get_color(),
-                    label=f"{method} (no duplicates)")
+        ax.plot(x, [r["cum_bytes"] / 1024 for r in mine], marker="o", label=method)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("backbone + task files (KiB)")
@@ -110,10 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", help="write the cumulative-storage plot here (PNG)")
     args = p.parse_args(argv)
     rows = [r for path in args.bundles for r in growth_rows(path)]
-    print(render(["method", "kind", "task", "file B", "bits/weight", "backbone+files B", "same, no dup. B",
-                  "RAM B (N tasks)"],
+    print(render(["method", "kind", "task", "file B", "bits/weight", "backbone+files B", "RAM B (N tasks)"],
                  [[r["method"], r["kind"], r["task"], r["file_bytes"], r["bits_per_weight"], r["cum_bytes"],
-                   r["cum_unique_bytes"], r["ram_bytes"]] for r in rows]))
+                   r["ram_bytes"]] for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     if args.plot:

@@ -84,6 +84,11 @@ class Method(ABC):
         column, experts; task kind ``modules``), or None: the main graph."""
         return None
 
+    def task_depends(self, t: int) -> list[int]:
+        """Earlier tasks whose files hold parts task ``t`` runs with (the bundle entry's
+        ``depends``: modules an earlier task added are stored once, in its file)."""
+        return []
+
     def task_backbone(self, t: int) -> tuple[str, dict[str, np.ndarray]] | None:
         """The backbone task ``t`` runs on when it is not the main one (a model the method
         spawned), by name, with its weights as the run ends; None: the main backbone."""

@@ -246,16 +246,19 @@ class GrowingMethod(Method):
         w, b = self.heads[t]
         return F.linear(h, w, b)
 
+    def task_depends(self, t: int) -> list[int]:
+        """The earlier tasks that added parts of task ``t``'s graph: their files hold them."""
+        need = set(self.graph_of(t).params) - set(self.params)
+        return [j for j in range(t) if need & set(self.added[j])]
+
     def export_task(self, t: int) -> dict[str, np.ndarray]:
-        """Every parameter of the task's graph the backbone lacks (``param.<name>``)."""
-        own = self.task_params(t)
-        parts = {f"param.{n}": own[n].numpy().astype(np.float32)
-                 for n in self.graph_of(t).params if n not in self.params}
+        """The parameters task ``t`` added (``param.<name>``); what earlier tasks added is in
+        their files (``task_depends``), stored once."""
+        parts = {f"param.{n}": v.numpy().astype(np.float32) for n, v in self.added[t].items()}
         return self.encode_task(parts, t)
 
     def stored_params(self, t: int) -> int:
-        g = self.graph_of(t)
-        return int(sum(math.prod(p.shape) for n, p in g.params.items() if n not in self.params))
+        return int(sum(v.numel() for v in self.added[t].values()))
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {f"{self.graph_prefix}.{t}.{n}": v.contiguous() for t, a in enumerate(self.added)
@@ -300,15 +303,15 @@ class PNN(GrowingMethod):
 def growth(graph: Graph, n_tasks: int, width: float = 0.25, laterals: bool = True,
            head_classes: int = 2) -> list[dict]:
     """Per task k = 1..n_tasks: parameters column k adds (with its laterals and head), what
-    task k's ``modules`` file stores (every column 2..k: earlier ones duplicated), and what
-    its graph holds (all it runs with), as float32 bytes."""
+    task k's ``modules`` file stores (its own column: earlier ones are in their tasks'
+    files), and what its graph holds (all it runs with), as float32 bytes."""
     cols = Columns(graph, width, laterals)
     out = []
     for k in range(1, n_tasks + 1):
         g = graph if k == 1 else cols.graph(k)
         head = (g.feature_dim + 1) * head_classes
         added = sum(math.prod(p.shape) for p in cols.column_params(k)) if k > 1 else 0
-        stored = sum(math.prod(p.shape) for n, p in g.params.items() if n not in graph.params)
+        stored = added
         out.append({"task": k, "added_params": int(added), "stored_params": int(stored), "head_params": head,
                     "graph_params": int(g.n_params), "file_bytes_est": 4 * (stored + head)})
     return out

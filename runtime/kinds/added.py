@@ -73,8 +73,10 @@ class LoRA(TaskKind):
 class Modules(TaskKind):
     """Parameters the task adds to a graph of its own (an adapter, a new column with lateral
     links, an expert): every parameter of the task's graph that the backbone does not hold
-    is stored as ``param.<name>`` (float32, the graph's shape). The task's entry names its
-    graph; only backends that run that graph serve it."""
+    is stored as ``param.<name>`` (float32, the graph's shape), in this task's file or, for
+    parts an earlier task added (PNN's earlier columns, earlier experts), in the file of a
+    task this one ``depends`` on (the first that has it), so nothing is stored twice. The
+    task's entry names its graph; only backends that run that graph serve it."""
 
     name = "modules"
     prefixes = ("param.",)
@@ -85,13 +87,34 @@ class Modules(TaskKind):
 
     def validate(self, view: TaskView) -> None:
         added = self._added(view)
+        deps = self.depends(view)
         for p in added:
+            if f"param.{p}" not in view.tensors and deps:
+                continue  # from a task it depends on (checked when it is materialized)
             t = view.expect(f"param.{p}", np.float32, tuple(view.graph.params[p].shape))
             _finite(view, f"param.{p}", t)
         check_extra(view, self, {f"param.{p}" for p in added})
 
     def materialize(self, view: TaskView, resolve: Resolve) -> Params:
-        return {p: view.tensors[f"param.{p}"] for p in self._added(view)}
+        added = self._added(view)
+        out = {p: view.tensors[f"param.{p}"] for p in added if f"param.{p}" in view.tensors}
+        missing = [p for p in added if p not in out]
+        for dep in self.depends(view):
+            if not missing:
+                break
+            theirs = resolve(dep)
+            for p in [p for p in missing if p in theirs]:
+                got = np.asarray(theirs[p])
+                if got.dtype != np.float32 or got.shape != tuple(view.graph.params[p].shape):
+                    raise view.fail(f"param.{p}", f"task {dep!r} holds it as {got.dtype} of shape "
+                                                  f"{got.shape}; the graph needs float32 of shape "
+                                                  f"{tuple(view.graph.params[p].shape)}")
+                out[p] = got
+                missing.remove(p)
+        if missing:
+            raise view.fail(f"param.{missing[0]}", f"neither in the task file nor in the tasks it depends on "
+                                                   f"({', '.join(self.depends(view)) or 'none'})")
+        return out
 
     def owned(self, view: TaskView) -> dict[str, np.ndarray | None]:
         return _whole(view)
