@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from edgecl.runtime.kinds import hash_mask, hash_params
 from edgecl.runtime.kinds.hashing import HashChain, chain_mask
+from edgecl.runtime.kinds.selection import task_seed
 
 from ..data import Task
 from ..torchnet import Params
@@ -47,15 +48,6 @@ from .base import MASK_BITS, Method
 HASH_CHAIN = HashChain.name
 _METRIC_KEYS = ("hash_picks", "collisions", "collision_rate", "own_density", "run_density",
                 "free_frac", "fragmentation", "hashed_bits_per_weight", "chain_bits_per_weight")
-
-
-def task_seed(seed: int, t: int, site: int) -> int:
-    """The uint32 hash seed of task ``t`` on mask site ``site`` of a run with ``seed``."""
-    x = (int(seed) * 1_000_003 + (t + 1) * 0x9E3779B1 + (site + 1) * 0x85EBCA6B) & 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    return x
 
 
 def _longest_run(free: np.ndarray) -> int:

@@ -135,6 +135,16 @@ class SoftMask(TaskKind):
                 for s in self.sites(view)}
 
 
+def task_seed(seed: int, t: int, site: int) -> int:
+    """The uint32 hash seed of task ``t`` on mask site ``site`` of a run with ``seed`` (the
+    hashing method's; here so the host method and the device learner share one)."""
+    x = (int(seed) * 1_000_003 + (t + 1) * 0x9E3779B1 + (site + 1) * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    return x
+
+
 def hash_mask(n: int, seed: int, threshold: int) -> np.ndarray:
     """Entry ``i`` of ``n`` is selected iff fmix32(i * 0x9E3779B1 + seed) < threshold
     (MurmurHash3's finalizer, in uint32 arithmetic: identical on every machine)."""
