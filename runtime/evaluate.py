@@ -33,7 +33,10 @@ COMMON_METRICS = ("host_acc", "before_acc", "init_acc", "device_acc", "learned_o
 def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> dict:
     """``data``: (task name, x_test, y_test local labels) for every task of the bundle."""
     current = Bundle.open(path)
-    names = current.task_names
+    # a merged task (task arithmetic over others) is no step of the stream: it is measured
+    # apart, on its sources' test data, without a task id (``merged`` below)
+    merged = [t for t in current.tasks if t["kind"] == "merged"]
+    names = [t["name"] for t in current.tasks if t["kind"] != "merged"]
     by_name = {name: (x, y) for name, x, y in data}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -44,7 +47,7 @@ def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]
     by_tasks = {}
     for v in current.versions():
         b = Bundle.open(path, version=v, verify=False)
-        by_tasks[tuple(b.task_names)] = v
+        by_tasks[tuple(t["name"] for t in b.tasks if t["kind"] != "merged")] = v
     for i in range(len(names)):
         v = by_tasks.get(tuple(names[: i + 1]))
         row: list[float | None] = [None] * len(names)
@@ -58,7 +61,7 @@ def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]
         versions_used.append(v)
     final = rows[-1]
     diag_ok = all(rows[j][j] is not None for j in range(len(names)))
-    tasks = current.tasks
+    tasks = [t for t in current.tasks if t["kind"] != "merged"]
     return {
         "bundle": str(path),
         "version": current.version,
@@ -79,4 +82,20 @@ def evaluate(path: str | Path, data: Sequence[tuple[str, np.ndarray, np.ndarray]
                       "mask_bits_per_weight": t["storage"]["mask_bits_per_weight"],
                       "bits_per_weight": t["storage"]["bits_per_weight"],
                       "bytes": t["storage"]["file_bytes"]} for i, t in enumerate(tasks)],
+        "merged": [_merged_accuracy(current, m, by_name, shape) for m in merged],
     }
+
+
+def _merged_accuracy(bundle: Bundle, m: dict, by_name: dict, shape: tuple[int, ...]) -> dict:
+    """A merged task's accuracy on its sources' test sets together, over the union of their
+    classes (no task id: one prediction among all of them)."""
+    xs, ys = [], []
+    for src in m.get("depends", []):
+        x, y = by_name[src]
+        xs.append(_as_input(x, shape, src))
+        ys.append(np.asarray(bundle.task(src)["classes"])[np.asarray(y)])
+    lut = {c: i for i, c in enumerate(m["classes"])}
+    want = np.array([lut[int(c)] for c in np.concatenate(ys)])
+    pred = Runtime(bundle.root).logits(np.concatenate(xs), m["name"]).argmax(axis=1)
+    return {"name": m["name"], "sources": list(m.get("depends", [])), "acc": float((pred == want).mean()),
+            "samples": int(len(want))}

@@ -943,8 +943,13 @@ def test_a_new_method_is_one_class_and_the_kind_decides_whether_it_may_learn(mon
     snap = _all_bytes(root)
     kw = dict(holdout=0.0, quiet=True, routers=False, step_backend="numpy", train_last=2)
     try:
+        import re
+
+        from edgecl.runtime.kinds import KINDS
+
         refused = (r"--method quarter cannot make a task of kind 'weight_bits' "
-                   r"\(that kind is learned on the device by: supsup, packnet, head\)")
+                   r"\(that kind is learned on the device by: "
+                   + re.escape(", ".join(KINDS["weight_bits"].learners)) + r"\)")
         with pytest.raises(LearnError, match=refused):
             learn(root, "new", tmp_path / "s.npz", method="quarter", **kw)
         assert _all_bytes(root) == snap

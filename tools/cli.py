@@ -224,6 +224,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ["task", "method", "acc", "mask bits/weight", "bits/weight (with head)", "bytes"],
         [[p["name"], p["method"], f"{p['acc']:.3f}", f"{p['mask_bits_per_weight']:.4f}",
           f"{p['bits_per_weight']:.4f}", p["bytes"]] for p in result["per_task"]]))
+    for m in result["merged"]:  # task arithmetic: one model for its sources, no task id
+        print(f"merged task {m['name']}: acc {m['acc']:.4f} on its sources' {m['samples']} test samples "
+              f"together, no task id ({', '.join(m['sources'])})")
     if bundle.manifest.get("routers"):
         noise = np.random.default_rng(0).random((500, *stream.input_shape), dtype=np.float32)
         unknown = [("noise", noise)] + [(f"held-out {t.name}", t.x_test) for t in stream.tasks
@@ -534,11 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     device_test_cmd.add_arguments(tp)
     tp.set_defaults(func=device_test_cmd.main)
 
-    from . import bundle_cmd, daemon_cmd, keys_cmd, pack_cmd
+    from . import bundle_cmd, daemon_cmd, keys_cmd, merge_cmd, pack_cmd
 
     bundle_cmd.add_parser(sub)
     keys_cmd.add_parser(sub)
     pack_cmd.add_parser(sub)
+    merge_cmd.add_parser(sub)
     daemon_cmd.add_parser(sub)
     for name in ("bundle", "compile", "learn", "daemon"):  # signing key for commits and rollbacks
         bundle_cmd.add_key_argument(sub.choices[name])

@@ -3,8 +3,10 @@
 from .base import MASK_BITS, MASK_UNITS, Method
 from .epi import EPI
 from .experts import Experts
+from .gis import GIS
 from .hashing import Hashing
 from .hat import HAT
+from .lora import Adapter, LoRA
 from .packnet import PackNet
 from .pnn import PNN
 from .supsup import Piggyback, SupSup
@@ -19,9 +21,12 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     TSS,
     EPI,
     Hashing,
+    LoRA,
+    Adapter,
+    GIS,
     PNN,
     Experts,
 )}
 
-__all__ = ["EPI", "Experts", "HAT", "MASK_BITS", "MASK_UNITS", "METHODS", "Hashing", "Method",
-           "PackNet", "Piggyback", "PNN", "SupSup", "TSS"]
+__all__ = ["Adapter", "EPI", "Experts", "GIS", "HAT", "MASK_BITS", "MASK_UNITS", "METHODS", "Hashing", "LoRA",
+           "Method", "PackNet", "Piggyback", "PNN", "SupSup", "TSS"]

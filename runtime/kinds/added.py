@@ -29,6 +29,7 @@ class LoRA(TaskKind):
 
     name = "lora"
     prefixes = ("lora.",)
+    learners = ("lora", "head")
 
     @staticmethod
     def _as_matrix(s: MaskSite, w: np.ndarray) -> np.ndarray:

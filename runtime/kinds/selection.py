@@ -26,7 +26,7 @@ class WeightBits(TaskKind):
 
     name = "weight_bits"
     prefixes = ("mask.",)
-    learners = ("supsup", "packnet", "head")
+    learners = ("supsup", "packnet", "head", "hashing", "epi")
 
     def encode(self, parts: Mapping[str, np.ndarray], graph: Graph) -> dict[str, np.ndarray]:
         out = {}

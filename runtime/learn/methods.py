@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ... import kernels
+from ..kinds.selection import hash_mask, hash_params, task_seed
 from ..masks import materialize_bits, pack_bits, unpack_bits
 
 if TYPE_CHECKING:
@@ -223,6 +224,13 @@ class LearnMethod:
         packed masks that every method holds."""
         return 0
 
+    def plan_sites(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, int, int]:
+        """Bytes of (its state, gradients, optimizer state) for trained sites whose weights
+        are ``shapes``, each as ``(units, fan_in)``; default: per trained weight
+        ``plan_state_bytes``, ``plan_grad_bytes`` and Adam's two moments."""
+        n = sum(math.prod(s) for s in shapes)
+        return self.plan_state_bytes * n, self.plan_grad_bytes * n, 8 * n
+
 
 class SupSup(LearnMethod):
     """Real-valued scores per weight of the trained sites; the mask is their top
@@ -364,7 +372,284 @@ class Head(LearnMethod):
         return {k: v.copy() for k, v in p.source.items() if not k.startswith("head.")}, None
 
 
-LEARN_METHODS: dict[str, LearnMethod] = {m.name: m for m in (SupSup(), PackNet(), Head())}
+class LoRA(LearnMethod):
+    """A low-rank pair per trained site on the frozen backbone (the host's ``lora``): the
+    site runs with ``W + (alpha / rank) * B @ A`` (the weight as ``(units, fan_in)`` along
+    its unit axis, as the ``lora`` kind runs it); ``A`` starts uniform in
+    ``+-1/sqrt(fan_in)``, ``B`` at zero; Adam on ``A``, ``B`` and the head. The backbone
+    is never changed. From dL/dW_eff ``G``: dL/dA = scale B^T G, dL/dB = scale G A^T."""
+
+    name = "lora"
+    defaults = {"epochs": 30, "lr": 1e-2, "rank": 4, "alpha": 4.0}
+    state_prefix = "lora."
+    produces = "lora"
+
+    @staticmethod
+    def _dims(site: MaskSite) -> tuple[int, int]:
+        return site.units, math.prod(site.shape) // site.units
+
+    def _scale(self, p: Problem) -> np.float32:
+        return np.float32(float(p.hp["alpha"]) / int(p.hp["rank"]))
+
+    def init_sites(self, p: Problem, rng: np.random.Generator, a: dict[str, np.ndarray]) -> None:
+        r = int(p.hp["rank"])
+        for n in p.trainable:
+            units, fan_in = self._dims(p.site[n])
+            bound = 1.0 / fan_in**0.5
+            a[f"lora.{n}.a"] = f32(rng.uniform(-bound, bound, (r, fan_in)))
+            a[f"lora.{n}.b"] = np.zeros((units, r), np.float32)
+
+    def site_keys(self, p: Problem) -> list[str]:
+        return [f"lora.{n}.{part}" for n in p.trainable for part in "ab"]
+
+    def step_weight(self, p: Problem, s: State, n: str) -> np.ndarray:
+        """``W + scale * (B @ A)`` in the kind's order of float32 operations."""
+        site = p.site[n]
+        a, b = s.arrays[f"lora.{n}.a"], s.arrays[f"lora.{n}.b"]
+        w = np.asarray(p.backbone[site.weight], dtype=np.float32)
+        units, fan_in = self._dims(site)
+        moved = np.moveaxis(w, site.rule.unit_axis, 0).reshape(units, fan_in)
+        delta = b @ a
+        delta *= self._scale(p)  # in place: the same float32 products as scale * (b @ a)
+        out = moved + delta
+        rest = tuple(np.delete(site.shape, site.rule.unit_axis))
+        return np.ascontiguousarray(np.moveaxis(out.reshape((units, *rest)), 0, site.rule.unit_axis))
+
+    def update_site(self, p: Problem, s: State, n: str, g: np.ndarray, lr: float, t: int) -> None:
+        site = p.site[n]
+        units, fan_in = self._dims(site)
+        gm = np.moveaxis(np.asarray(g, dtype=np.float32), site.rule.unit_axis, 0).reshape(units, fan_in)
+        a, b, scale = s.arrays[f"lora.{n}.a"], s.arrays[f"lora.{n}.b"], self._scale(p)
+        ga = scale * (b.T @ gm)  # both from the pair before this step
+        gb = scale * (gm @ a.T)
+        for part, grad in (("a", ga), ("b", gb)):
+            key = f"lora.{n}.{part}"
+            adam(s.arrays, key, grad, s.arrays[f"all.{key}"], lr, t)
+
+    def result(self, p: Problem, s: State) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        out = {"lora.scale": np.array([self._scale(p)], dtype=np.float32)}
+        for n in p.trainable:
+            for part in "ab":
+                out[f"lora.{n}.{part}"] = s.arrays[f"lora.{n}.{part}"].copy()
+        return out, None
+
+    def plan_sites(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, int, int]:
+        # per site: A and B (r * (fan_in + units) floats), their gradients, Adam's two moments
+        # and the all-bits; dL/dW_eff and the product B @ A are full-size, 4 bytes a weight each
+        r = int(self.defaults["rank"])
+        k = sum(r * (s[0] + math.prod(s) // s[0]) for s in shapes)
+        n = sum(math.prod(s) for s in shapes)
+        return 4 * k, 4 * k + 8 * n, 8 * k + k // 8 + 2 * len(shapes)
+
+
+def _learn_error(msg: str) -> Exception:
+    from .learner import LearnError  # here: the learner imports this module
+
+    return LearnError(msg)
+
+
+def _bits_to(w: np.ndarray, bits: np.ndarray, p: Problem, n: str) -> np.ndarray:
+    """``w`` where ``bits`` is set, +0.0 elsewhere (the kernels' selection, as the runtime
+    activates a task), into a buffer reused from step to step."""
+    out = p.buffers.get(("w", n))
+    if out is None:
+        out = p.buffers[("w", n)] = np.empty(w.shape, np.float32)
+    return kernels.materialize_bits(w, bits, out=out)
+
+
+class Hashing(PackNet):
+    """The host's ``hashing`` (docs/method-hashing.md): task ``T``'s hash (seed
+    ``task_seed(seed, T, site)``, threshold ``density * 2**32``) picks entries of every mask
+    site; the picks no older task owns (collisions removed) are the task's own, the only
+    weights it trains (with the head, in one phase); it runs with them and the older tasks'
+    entries (``reuse=1``) or with them alone (``reuse=0``). The new backbone differs from
+    the old in the task's own entries only.
+
+    ``T`` and the run's seed are not in the bundle: ``seed`` is the learner's (``--seed``,
+    which must be the host run's; both default to 0), and ``T`` is the number of tasks
+    whose picks the owned entries are. The owned entries must be exactly the union of the
+    picks of tasks ``0..T-1`` (else the learning is refused: another seed or density, or
+    tasks another method made), so the new task selects exactly what the host's task ``T``
+    would. A site outside ``--train-last`` still holds its picks (untrained)."""
+
+    name = "hashing"
+    defaults = {"epochs": 30, "lr": 2e-3, "density": 0.3, "reuse": 1}
+    plan_state_bytes = 4  # the step's weight under the run mask
+    phases = LearnMethod.phases  # one phase, no retrain
+
+    def begin_phase(self, p: Problem, s: State, phase: int) -> None:
+        """One phase: nothing in between (no prune)."""
+
+    def trainable(self, p: Problem, candidates: Sequence[str]) -> list[str]:
+        own, _ = self.allocate(p)
+        return [n for n in candidates if own[n].any()]
+
+    def nothing_to_train(self, train_last: int | None) -> str | None:
+        where = "" if train_last is None else f" in the last {train_last} mask site(s)"
+        return f"the new task's hash picks no free weight{where}: every pick is owned by a task"
+
+    def allocate(self, p: Problem) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per site: the new task's own entries (flat bool: its hash's picks that no task
+        owns) and its run mask's packed bits; refused unless the owned entries are exactly
+        the older tasks' picks (see the class docstring)."""
+        density, reuse = float(p.hp["density"]), int(p.hp["reuse"])
+        if reuse not in (0, 1):
+            raise _learn_error(f"--method hashing: reuse must be 0 or 1, got {p.hp['reuse']}")
+        thr = int(hash_params(0, density)[1])
+        size = {s.node: math.prod(s.shape) for s in p.sites}
+
+        def picks(t: int) -> dict[str, np.ndarray]:
+            return {n: hash_mask(size[n], task_seed(p.seed, t, i), thr) for i, n in enumerate(p.names)}
+
+        seen = {n: np.zeros(size[n], dtype=bool) for n in p.names}
+        t, new = 0, picks(0)
+        # task t's picks all owned (and adding entries): an older task's; the first that is
+        # not is the new task's
+        while all(not (new[n] & ~p.union[n]).any() for n in p.names) and any(
+                (new[n] & ~seen[n]).any() for n in p.names):
+            seen = {n: seen[n] | new[n] for n in p.names}
+            t += 1
+            new = picks(t)
+        wrong = [n for n in p.names if not np.array_equal(seen[n], p.union[n])]
+        if wrong:
+            n = wrong[0]
+            extra = int((p.union[n] & ~seen[n]).sum())
+            raise _learn_error(
+                f"--method hashing: the entries the bundle's tasks own are not the hash picks of its "
+                f"tasks under seed {p.seed} at density {density:g} (the first {t} task(s) explained; "
+                f"site {n}: {extra} owned entries no pick explains); learn with the host run's "
+                f"--seed, or another --method")
+        own = {n: new[n] & ~p.union[n] for n in p.names}
+        return own, {n: pack_bits(own[n] | p.union[n] if reuse else own[n]) for n in p.names}
+
+    def _run_bits(self, p: Problem, n: str) -> np.ndarray:
+        """Site ``n``'s run mask, packed (computed once per problem)."""
+        if ("run", n) not in p.buffers:
+            own, run = self.allocate(p)
+            for m in p.names:
+                p.buffers[("own", m)], p.buffers[("run", m)] = own[m], run[m]
+        return p.buffers[("run", n)]
+
+    def init_sites(self, p: Problem, rng: np.random.Generator, a: dict[str, np.ndarray]) -> None:
+        super().init_sites(p, rng, a)
+        for n in p.trainable:  # only its own entries move; they are what it keeps
+            self._run_bits(p, n)
+            a[f"free.{n}"] = pack_bits(p.buffers[("own", n)])
+            a[f"keep.{n}"] = a[f"free.{n}"].copy()
+
+    def frozen_weight(self, p: Problem, site: MaskSite) -> np.ndarray | None:
+        if site.node in p.trainable:
+            return None
+        return materialize_bits(p.backbone[site.weight], self._run_bits(p, site.node))
+
+    def step_weight(self, p: Problem, s: State, n: str) -> np.ndarray:
+        return _bits_to(s.arrays[f"weight.{n}"], self._run_bits(p, n), p, n)
+
+    def result(self, p: Problem, s: State) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        out, backbone = super().result(p, s)
+        for n in p.names:  # every site: the run mask (reuse=0: its own entries only)
+            out[f"mask.{n}"] = self._run_bits(p, n).copy()
+        return out, backbone
+
+
+class EPI(PackNet):
+    """The host's ``epi`` (docs/method-epi.md): the free weights train (straight-through,
+    in one phase) while each one's importance, an EMA of ``|g * w|`` (``g`` = dL/dW_eff),
+    accumulates; every ``update_every`` steps, up to the last ``fixed_frac`` of them, each
+    site protects its most important free weights (a density ramping from 1 to ``keep``
+    over ``ramp_frac`` of the steps) and releases protected ones whose importance fell
+    below ``release_ratio`` of the threshold. Until the first update the task runs dense
+    (every weight); then with the old tasks' entries and its protected ones. At the end
+    the protected set is the task's (``keep.<node>``): its mask is the old union plus it,
+    as PackNet's, and the new backbone differs in free weights only. (The host's release
+    mode, which shrinks committed tasks, is not the device's: it never changes a task.)"""
+
+    name = "epi"
+    defaults = {"epochs": 30, "lr": 1e-3, "keep": 0.4, "update_every": 10, "ema": 0.9,
+                "release_ratio": 0.5, "ramp_frac": 0.5, "fixed_frac": 0.25}
+    plan_state_bytes = 8  # the importance, the step's weight under the mask
+    plan_grad_bytes = 8  # dL/dW_eff and |g * w|
+    phases = LearnMethod.phases  # one phase, no retrain
+
+    # -- the schedule, in steps (the host's) ----------------------------------------------
+    @staticmethod
+    def _every(p: Problem) -> int:
+        return max(1, int(p.hp["update_every"]))
+
+    @staticmethod
+    def _ramp_end(p: Problem) -> int:
+        return max(1, int(p.total_steps() * float(p.hp["ramp_frac"])))
+
+    @staticmethod
+    def _fixed_from(p: Problem) -> int:
+        return int(p.total_steps() * (1.0 - float(p.hp["fixed_frac"])))
+
+    def _density(self, p: Problem, step: int) -> float:
+        """Cubic ramp (Zhu & Gupta) from 1 to ``keep``: fast early, gentle late."""
+        keep = float(p.hp["keep"])
+        return keep + (1.0 - keep) * (1.0 - min(1.0, step / self._ramp_end(p))) ** 3
+
+    def _updated(self, p: Problem, steps: int) -> bool:
+        """Whether the mask was updated within the first ``steps`` steps."""
+        return min(steps, self._fixed_from(p)) >= self._every(p)
+
+    # -- state and a step ----------------------------------------------------------------
+    def init_sites(self, p: Problem, rng: np.random.Generator, a: dict[str, np.ndarray]) -> None:
+        super().init_sites(p, rng, a)
+        for n in p.trainable:
+            a[f"imp.{n}"] = np.zeros(p.site[n].shape, np.float32)
+            a[f"keep.{n}"] = pack_bits(np.zeros(math.prod(p.site[n].shape), dtype=bool))
+
+    def step_weight(self, p: Problem, s: State, n: str) -> np.ndarray:
+        w = s.arrays[f"weight.{n}"]
+        if not self._updated(p, int(s.pos["adam"])):  # before the first update: dense
+            return w
+        bits = p.buffers.get(("active", n))
+        if bits is None:  # a resumed run: from the state
+            kept = unpack_bits(s.arrays[f"keep.{n}"], (w.size,))
+            bits = p.buffers[("active", n)] = pack_bits(p.union[n] | kept)
+        return _bits_to(w, bits, p, n)
+
+    def update_site(self, p: Problem, s: State, n: str, g: np.ndarray, lr: float, t: int) -> None:
+        a = s.arrays
+        w, imp = a[f"weight.{n}"], a[f"imp.{n}"]
+        beta = np.float32(p.hp["ema"])
+        # importance of the free weights, from the weights before this step
+        term = np.where(p.union[n].reshape(w.shape), np.float32(0.0), np.abs(f32(g) * w))
+        imp *= beta
+        imp += np.float32(1.0 - float(p.hp["ema"])) * term
+        super().update_site(p, s, n, g, lr, t)
+        if t % self._every(p) == 0 and t <= self._fixed_from(p):
+            self.update_mask(p, s, n, t)
+
+    def update_mask(self, p: Problem, s: State, n: str, step: int) -> None:
+        """Site ``n``'s protected set at ``step``: the top ``density(step)`` of its free
+        weights by importance, those protected whose importance stayed at or above
+        ``release_ratio`` x the threshold first (hysteresis)."""
+        a = s.arrays
+        cand = ~p.union[n]
+        n_c = int(cand.sum())
+        k = max(1, int(round(self._density(p, step) * n_c)))
+        imp = a[f"imp.{n}"].reshape(-1)
+        score = np.where(cand, imp, np.float32(-1.0))
+        tau = kth_largest(score, k)
+        stay = unpack_bits(a[f"keep.{n}"], (imp.size,)) & (imp >= np.float32(p.hp["release_ratio"]) * tau)
+        pri = np.where(stay, score + score.max() + np.float32(1.0), score)
+        new = topk_mask(pri, k) & cand
+        a[f"keep.{n}"] = pack_bits(new)
+        p.buffers[("active", n)] = pack_bits(p.union[n] | new)
+
+    def begin_phase(self, p: Problem, s: State, phase: int) -> None:
+        """The end: too few steps for the schedule (no update, or one above ``keep``)
+        ends at the target density, as the host does."""
+        total = p.total_steps()
+        if not self._updated(p, total) or self._density(p, total) > float(p.hp["keep"]) + 1e-6:
+            for n in p.trainable:
+                self.update_mask(p, s, n, self._ramp_end(p))
+
+
+LEARN_METHODS: dict[str, LearnMethod] = {m.name: m for m in (SupSup(), PackNet(), Head(), LoRA(), Hashing(),
+                                                                   EPI())}
 
 
 def get_method(method: str | LearnMethod) -> LearnMethod:

@@ -3,7 +3,8 @@
 It reads the model graph only: the mask sites (``graph.mask_sites()``), the value shapes
 (``graph.shapes(batch)``) and the graph's structure — no op switch, and no switch on the
 learning method either: what a method holds is its :class:`.methods.LearnMethod`'s terms
-(``plan_state_bytes``, ``plan_grad_bytes``, ``plan_weights``, ``trains_sites``).
+(``plan_sites`` — by default from ``plan_state_bytes`` and ``plan_grad_bytes`` —,
+``plan_weights``, ``trains_sites``).
 Everything is float32 (4 bytes; an int64 input 8). With ``n_l`` the weights of mask site
 l, ``T`` the trained sites (supsup: every site, or the last K; packnet: those with a free
 weight; head: none), ``F`` the feature width, ``C`` the new task's classes, ``B`` the
@@ -14,10 +15,13 @@ batch, ``N`` the samples, the learning child holds:
                   + packnet: 4 * sum_{l not in T} n_l (frozen sites under the old union)
                              + backbone file bytes    (the new backbone, serialized)
                   + (sum_l n_l / 8 + 1) * (tasks + 2)  (packed masks: old, free, new)
-    trainable   = supsup: 4 * sum_{l in T} n_l (scores);  else 0
+    trainable   = supsup: 4 * sum_{l in T} n_l (scores);  lora: 4 * k (A, B);  else 0
     gradients   = 4 * sum_{l in T} n_l            (dL/dW_eff of trained sites only)
                   + supsup: 4 * sum_{l in T} n_l  (the straight-through score gradients)
+                  + lora: 4 * k + 4 * sum_{l in T} n_l  (the pair's, the B @ A product)
     optimizer   = 2 * 4 * sum_{l in T} n_l        (Adam m and v)
+                  lora: 8 * k + k / 8 + 2 * |T|   (Adam m and v, all-bits of A and B)
+                  with k = sum_{l in T} rank * (fan_in_l + units_l)
     head        = 4 * 4 * (C*F + C)               (value, gradient, m, v)
     activations = :func:`activation_bytes` (below) + 4 * B * (2*C + F) (logits, their
                   gradient, the features' gradient)
@@ -221,6 +225,8 @@ def plan(graph: Graph | Mapping, *, mode: str | LearnMethod, n_tasks: int, n_cla
             raise KeyError(f"not mask sites of the graph: {unknown}")
         t_sites = list(trainable_layers)
     n_t = sum(counts[n] for n in t_sites)
+    units = {s.node: s.units for s in sites}
+    state, grads, opt = method.plan_sites([(units[n], counts[n] // units[n]) for n in t_sites])
     feat = int(graph.feature_dim)
     in_size = math.prod(graph.input_shape) * _itemsize(graph, graph.input.name)
     b = int(batch_size)
@@ -238,8 +244,7 @@ def plan(graph: Graph | Mapping, *, mode: str | LearnMethod, n_tasks: int, n_cla
             cache = prefix_cache_bytes(graph, wanted, n_samples)
     return Plan(
         batch_size=b, weights=weights,
-        trainable=method.plan_state_bytes * n_t,
-        gradients=method.plan_grad_bytes * n_t, optimizer=8 * n_t,
+        trainable=state, gradients=grads, optimizer=opt,
         head=16 * (n_classes * feat + n_classes),
         activations=acts, data=data, slack=SLACK, cache=cache,
         step_runtime=int(step_runtime), parent=int(parent), commit=int(commit))
