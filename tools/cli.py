@@ -387,6 +387,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_daemon import main as bench_daemon
 
         return bench_daemon(args)
+    if args.bundle == "fleet":
+        from .bench_fleet import main as bench_fleet
+
+        return bench_fleet(args)
     if args.bundle == "methods":
         from .bench_methods import main as bench_methods
 
@@ -395,7 +399,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not Path(args.bundle).exists():
         raise EdgeclError(f"{args.bundle}: no such bundle "
-                          "(or say zoo, kernels, learn, open, daemon or methods)")
+                          "(or say zoo, kernels, learn, open, daemon, fleet or methods)")
     return bench.main(args)
 
 
@@ -517,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_daemon import add_arguments as add_daemon_arguments
 
     add_daemon_arguments(k)  # edgecl bench daemon
+    from .bench_fleet import add_arguments as add_fleet_arguments
+
+    add_fleet_arguments(k)  # edgecl bench fleet
     from .bench_methods import add_arguments as add_methods_arguments
 
     add_methods_arguments(k)  # edgecl bench methods
@@ -537,13 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     device_test_cmd.add_arguments(tp)
     tp.set_defaults(func=device_test_cmd.main)
 
-    from . import bundle_cmd, daemon_cmd, keys_cmd, merge_cmd, pack_cmd
+    from . import bundle_cmd, daemon_cmd, fleet_cmd, keys_cmd, merge_cmd, pack_cmd
 
     bundle_cmd.add_parser(sub)
     keys_cmd.add_parser(sub)
     pack_cmd.add_parser(sub)
     merge_cmd.add_parser(sub)
     daemon_cmd.add_parser(sub)
+    fleet_cmd.add_parser(sub)
     for name in ("bundle", "compile", "learn", "daemon"):  # signing key for commits and rollbacks
         bundle_cmd.add_key_argument(sub.choices[name])
     for name in ("infer", "inspect", "eval", "learn", "bench", "device-test", "daemon"):
