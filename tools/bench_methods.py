@@ -138,11 +138,15 @@ def plot_growth(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in results:
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colors: one per method
+    for i, m in enumerate(results):
         n = [p["tasks"] for p in m["per_n_tasks"]]
-        ax.plot(n, [p["flash_bytes"] / 1024 for p in m["per_n_tasks"]], marker="o", label=m["method"])
+        ax.plot(n, [p["flash_bytes"] / 1024 for p in m["per_n_tasks"]], marker="osD^v<>"[i % 7],
+                color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=m["method"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks held")
     ax.set_ylabel("bundle files of that version (KiB)")
     ax.set_title("what a device stores to serve N tasks")
