@@ -590,7 +590,7 @@ def test_ds_cnn_split_digits_accuracy_and_merge(tmp_path):
     r = evaluate(bundle, _test_data(stream))
     assert r["acc"] >= 0.97, r["acc_matrix"]
     assert r["bwt"] == 0.0
-    m = merge(bundle, NAMES, _global(stream))
+    m = merge(bundle, NAMES, _global(stream), search="shared", grid=(0.2, 0.6, 1.0))  # 3 forward passes
     print("ds-cnn merge", {k: m[k] for k in ("scales", "merged_acc", "isolated_acc", "router_acc")})
     assert m["isolated_acc"] >= 0.97 and m["router_acc"]["prototype"]["class_il_acc"] >= 0.9
 
