@@ -257,3 +257,12 @@ def test_a_column_found_in_no_file_is_named(pnn_run):
         kind.materialize(view, lambda _dep: {})
     with pytest.raises(BundleError, match=r"task-3-file.*lacks tensor 'param\.c2\."):
         kind.validate(TaskView({**entry, "depends": []}, tensors, g, b.backbone, "task-3-file"))
+
+
+def test_inspect_shows_each_task_graph_and_what_it_depends_on(pnn_run, capsys):
+    from edgecl.tools.cli import main
+
+    assert main(["inspect", str(pnn_run[1])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if "digits-8-9" in line and "pnn" in line)
+    assert row.split()[5:8] == ["pnn-columns-5", "main", "1,2,3"]

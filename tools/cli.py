@@ -329,10 +329,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(tables.render(["masked node", "op", "weight", "shape"],
                         [[s.node, s.op, s.weight, tuple(s.shape)] for s in graph.mask_sites()]))
     print()
+    # where a task runs: its graph and backbone (a grown graph, a spawned model), and what
+    # it takes parts from (depends)
     print(tables.render(
-        ["#", "task", "method", "kind", "rev", "classes", "mask bits/weight", "bytes", "host acc"],
-        [[t["index"], t["name"], t["method"], t["kind"], t.get("revision", 1), t["classes"],
-          f"{t['storage']['mask_bits_per_weight']:.4f}", t["storage"]["file_bytes"],
+        ["#", "task", "method", "kind", "rev", "graph", "backbone", "depends", "classes", "mask bits/weight",
+         "bytes", "host acc"],
+        [[t["index"], t["name"], t["method"], t["kind"], t.get("revision", 1), t.get("graph", "main"),
+          t.get("backbone", "main"), ",".join(str(b.task(d)["index"]) for d in t.get("depends", [])) or "-",
+          t["classes"], f"{t['storage']['mask_bits_per_weight']:.4f}", t["storage"]["file_bytes"],
           f"{t['metrics'].get('host_acc', float('nan')):.3f}"] for t in b.tasks]))
     print()
     print(tables.render(["file", "bytes", "sha256"],
