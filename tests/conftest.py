@@ -28,7 +28,8 @@ def _quiet(_msg: str) -> None:
 
 # The tests that boot the emulated Pi share its root file system, its cache and its ssh
 # port: under pytest-xdist (scripts/test.sh runs two workers) they go to one worker.
-EMULATED = ("test_deploy_emulated.py", "test_daemon.py::test_deploy_service_on_the_emulated_pi")
+EMULATED = ("test_deploy_emulated.py", "test_daemon.py::test_deploy_service_on_the_emulated_pi",
+            "test_fleet.py::test_the_emulated_pi_is_a_fleet_node")
 
 
 def pytest_collection_modifyitems(config, items):

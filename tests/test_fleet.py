@@ -1,6 +1,7 @@
 """Fleets (docs/fleet.md): the protocol without Flower (aggregation, refused uploads, what a
-device adds), then end to end on a real Flower SuperLink and three SuperNodes on loopback,
-separate processes, each device with its own bundle and its own share of Split-Digits.
+device adds, the wire encoding), then end to end on a real Flower SuperLink and three
+SuperNodes on loopback, separate processes, each device with its own bundle and its own share
+of Split-Digits; and one fleet whose third device is the emulated Pi (needs root).
 
 The end-to-end tests need Flower (the ``fleet`` extra, flwr==1.42.0) next to this Python
 or in ``$EDGECL_FLEET_BIN``; without it they are skipped, saying so.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -183,6 +186,56 @@ def test_a_device_adds_what_it_lacks_and_refuses_an_unsigned_download(fleet, dig
     assert min(acc.values()) >= 0.97, acc
 
 
+def test_parts_travel_compressed_and_are_checked_on_their_original_bytes(fleet, tmp_path):
+    """One zlib stream per message; what arrives is the task files' very bytes, and a
+    payload that is not one (corrupt, truncated, too big inflated) is refused, named."""
+    import zlib
+
+    from edgecl.runtime.fleet.sync import decode_have, decode_parts, encode_have, encode_parts
+
+    src = Bundle.open(fleet.devices[0])
+    parts = [make_part(src, "digits-2-3"), make_part(src, "digits-4-5")]
+    payload = encode_parts(parts, inventory={"a": "b"})
+    doc, back = decode_parts(payload, "test")
+    assert doc["inventory"] == {"a": "b"}
+    assert [p["data"] for p in back] == [p["data"] for p in parts]
+    assert back == parts
+    plain = len(json.dumps([{k: v for k, v in p.items() if k != "data"} for p in parts]))
+    assert len(payload) < plain + sum(len(p["data"]) for p in parts)  # smaller than sent as they are
+    with pytest.raises(FleetError, match="not a zlib stream"):
+        decode_parts(b"\0" + payload[1:], "node 5")
+    with pytest.raises(FleetError, match="node 5: the payload is truncated"):
+        decode_parts(payload[:-20], "node 5")
+    with pytest.raises(FleetError, match="inflates to more than"):
+        from edgecl.runtime.fleet.sync import unpack
+
+        unpack(zlib.compress(b"\0" * 10_000), "node 5", limit=1000)
+    with pytest.raises(FleetError, match="sizes do not match"):
+        decode_parts(zlib.compress(b'{"parts":[],"sizes":[3]}\nab'), "node 5")
+    # a file changed in transit (inside a valid stream) is still refused by its hash and signature
+    bad = dict(parts[1], data=parts[1]["data"][:-1] + bytes([parts[1]["data"][-1] ^ 1]))
+    _, (got,) = decode_parts(encode_parts([bad]), "node 1")
+    store = FleetStore(fleet.fleet, key=SigningKey.load(fleet.server_key),
+                       trust=TrustStore(fleet.device_keys), state_dir=tmp_path / "state")
+    ok, rej = store.accept([got], node="1")
+    assert not ok and "does not hash to the sha256 it claims" in rej[0]["reason"]
+    shas = {p["sha256"] for p in parts}
+    assert decode_have(encode_have(shas), "x") == shas and len(encode_have(shas)) == 64
+    with pytest.raises(FleetError, match="32-byte"):
+        decode_have(b"\0" * 33, "the server")
+
+
+def test_deploy_fleet_adds_flower_to_the_device_wheelhouse(tmp_path):
+    from edgecl.tools import deploy as dep
+
+    reqs, _ = dep.requirements(["numpy"], fleet=True)
+    assert any(dep._name(r) == "flwr" for r in reqs)
+    assert not any(dep._name(r) == "flwr" for r in dep.requirements(["numpy"])[0])
+    names = dep.install_names(["numpy"], tmp_path, fleet=True)
+    assert [n for n in names if dep._name(n) == "flwr"] == [n for n in reqs if dep._name(n) == "flwr"]
+    assert "flwr" not in " ".join(dep.install_names(["numpy"], tmp_path))
+
+
 def _kill_when(log: Path, text: str, kill) -> None:
     """``kill()`` a second after ``text`` shows in ``log`` (the round is under way)."""
     deadline = time.monotonic() + 120
@@ -342,3 +395,122 @@ def test_fleet_cli_names_what_is_wrong(fleet, tmp_path, capsys, monkeypatch):
     assert main(["fleet", "join", str(tmp_path / "nowhere"), "--server", "127.0.0.1:1", "--key",
                  str(fleet.keys[0]), "--trust-store", str(fleet.trust[0])]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# -- one fleet node on the emulated Pi (arm64 bookworm under qemu user mode, docs/deploy.md) --------
+_PI_SERVE = r"""
+import base64, io, json, sys
+import numpy as np
+from edgecl.runtime.bundle import Bundle
+from edgecl.runtime.fleet.sync import inventory
+from edgecl.runtime.session import Runtime
+
+b = Bundle.open(sys.argv[1])
+x = np.load(io.BytesIO(base64.b64decode(sys.stdin.read())))
+rt = Runtime(b)
+buf = io.BytesIO()
+np.savez(buf, **{n: rt.logits(x, n) for n in b.task_names})
+print(json.dumps({"inventory": inventory(b), "version": b.version,
+                  "logits": base64.b64encode(buf.getvalue()).decode()}))
+"""
+
+
+def _stop_pi_node(pid: int) -> None:
+    """The Pi's `edgecl fleet join` (and its SuperNode) by pid: the emulator shares the
+    host's pid namespace, so the host signals them directly."""
+    from edgecl.runtime.fleet import launch
+
+    pids = [pid, *launch._descendants(pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+@needs_flower
+def test_the_emulated_pi_is_a_fleet_node(fleet, digits, tmp_path, monkeypatch):
+    """Device 2 is the emulated Pi 4: `edgecl deploy --fleet` installs edgecl and Flower
+    there (aarch64 wheels, Python 3.11), its `edgecl fleet join` runs a SuperNode inside
+    the emulator that joins the SuperLink on the host over loopback (qemu user mode shares
+    the host's network), uploads the task it learned, and ends with every task of the fleet,
+    byte-identical, serving them as the host does. Correctness only: qemu is slow."""
+    if os.geteuid() != 0:
+        pytest.skip("the emulator needs root (binfmt_misc, mount namespaces, chroot)")
+    import base64
+    import dataclasses
+    import io
+
+    from edgecl.runtime.fleet.sync import inventory
+    from edgecl.tools import deploy as dep
+    from edgecl.tools.emulator import Emulator
+
+    pi_bundle, pi_key = fleet.devices[2], fleet.keys[2]
+    x = _x(digits)
+    monkeypatch.setenv("EDGECL_SIGNING_KEY", str(pi_key))  # deploy's golden outputs: signed by the Pi's key
+    emu = Emulator("rpi4", workdir=tmp_path / "emulator")
+    emu.start()
+    host = dataclasses.replace(fleet, devices=fleet.devices[:2], keys=fleet.keys[:2], trust=fleet.trust[:2])
+    dep_, pid = None, None
+    try:
+        kw = {"identity": str(emu.identity), "known_hosts": str(tmp_path / "known_hosts")}
+        r = dep.deploy(pi_bundle, emu.url, "rpi4", backends="numpy", fleet=True, log=lambda _m: None, **kw)
+        assert r["smoke"]["ok"] and r["emulated"], r["smoke"]
+        base = r["remote_dir"]
+        remote = dep.Remote(emu.url, **kw)
+        # the Pi's own fleet bundle (a copy of the deployed one), its key and whose tasks it trusts
+        only_key = tmp_path / "pi-key"
+        only_key.mkdir()
+        shutil.copy(pi_key, only_key / pi_key.name)
+        remote.rsync(only_key, "fleet/key")
+        remote.rsync(fleet.trust[2], "fleet/trust")
+        remote.run(f"rm -rf fleet/bundle && cp -a {base}/current/bundle fleet/bundle")
+        dep_ = Deployment(host)  # the SuperLink and devices 0 and 1 on the host
+        py = f"{base}/current/venv/bin/python"
+        out = remote.run(
+            f"cd ~; nohup {py} -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' "
+            f"{py} -m edgecl.tools.cli fleet join fleet/bundle --server 127.0.0.1:{dep_.port} "
+            f"--key fleet/key/{pi_key.name} --trust-store fleet/trust --port {free_port()} "
+            f"> fleet/join.log 2>&1 < /dev/null & echo $!").stdout
+        pid = int(out.strip().splitlines()[-1])
+        try:
+            (r1,) = dep_.run(min_nodes=3, wait_s=600.0, round_timeout=600.0)
+        except RuntimeError as e:
+            raise AssertionError(f"{e}\nthe Pi's `edgecl fleet join` log:\n"
+                                 f"{remote.run('cat fleet/join.log', check=False).stdout[-3000:]}") from None
+        join_log = remote.run("cat fleet/join.log", check=False).stdout
+        # the Pi serves every task: logits from its own runtime, compared with the host's
+        xb = io.BytesIO()
+        np.save(xb, x)
+        served = remote.run(f"{py} -c {shlex.quote(_PI_SERVE)} fleet/bundle", timeout=900,
+                            input=base64.b64encode(xb.getvalue()).decode(), what="serving on the Pi")
+    finally:
+        if pid is not None:
+            _stop_pi_node(pid)
+        if dep_ is not None:
+            dep_.close()
+        emu.stop()
+    assert r1["synced"] == 3 and not r1["rejected"] and not r1["errors"], (r1, join_log[-3000:])
+    assert sorted(r1["accepted"]) == sorted(n for s in SHARES for n in s)
+    fleet_inv = inventory(Bundle.open(fleet.fleet, trust=_verifier(fleet, fleet.fleet)))
+    assert sorted(fleet_inv) == sorted(t.name for t in digits.tasks)
+    for d in fleet.devices[:2]:
+        assert inventory(Bundle.open(d, trust=_verifier(fleet, d))) == fleet_inv, d
+    pi = json.loads(served.stdout.strip().splitlines()[-1])
+    assert pi["inventory"] == fleet_inv  # every task file on the Pi: the fleet's very bytes
+    logits = np.load(io.BytesIO(base64.b64decode(pi["logits"])))
+    ref = logits_bytes(fleet.fleet, sorted(fleet_inv), x)
+    for t in digits.tasks:
+        want = np.frombuffer(ref[t.name], logits[t.name].dtype).reshape(logits[t.name].shape)
+        assert np.max(np.abs(logits[t.name] - want)) <= 1e-4, t.name  # aarch64 numpy vs the host's
+    at = 0
+    for t in digits.tasks:  # Task-IL accuracy of the Pi's own answers, task by task
+        n = len(t.x_test)
+        acc = float((logits[t.name][at:at + n].argmax(1) == t.y_test).mean())
+        assert acc >= 0.97, (t.name, acc)
+        at += n

@@ -125,15 +125,15 @@ class Deployment:
             log=self.f.root / f"node{i}.log")
 
     def run(self, *, rounds: int = 1, min_nodes: int | None = None, fedavg: bool = False,
-            round_timeout: float = 60.0) -> list[dict]:
+            round_timeout: float = 60.0, wait_s: float = 60.0) -> list[dict]:
         report = self.f.root / f"report-{time.monotonic_ns()}.jsonl"
         conf = {"bundle": str(self.f.fleet.resolve()), "trust-store": str(self.f.device_keys.resolve()),
                 "key": str(self.f.server_key.resolve()), "state-dir": str(self.state.resolve()),
                 "report": str(report), "mode": "fedavg" if fedavg else "sync", "rounds": rounds,
-                "min-nodes": len(self.f.devices) if min_nodes is None else min_nodes, "wait-s": 60.0,
+                "min-nodes": len(self.f.devices) if min_nodes is None else min_nodes, "wait-s": wait_s,
                 "round-timeout-s": round_timeout}
         rc = self.launch.run_fleet_app(self.state, f"127.0.0.1:{self.port}", conf,
-                                       timeout=120 + rounds * (2 * round_timeout + 30),
+                                       timeout=120 + wait_s + rounds * (2 * round_timeout + 30),
                                        log=self.f.root / "flwr-run.log")
         lines = report.read_text().splitlines() if report.exists() else []
         if rc != 0 or not lines:

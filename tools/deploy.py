@@ -1,7 +1,7 @@
 """``edgecl deploy``: a bundle and an offline install of the runtime onto a Pi or a Jetson, over ssh.
 
     edgecl deploy BUNDLE_DIR --to ssh://pi@raspberrypi.local --target rpi4 [--identity KEY]
-                  [--backends numpy,tvm,onnxruntime,tflite] [--remote-dir edgecl] [--service]
+                  [--backends numpy,tvm,onnxruntime,tflite] [--remote-dir edgecl] [--service] [--fleet]
 
 Ordinary OpenSSH only (``ssh`` and ``rsync`` subprocesses; BatchMode, a project
 known_hosts file with StrictHostKeyChecking=accept-new, ConnectTimeout). In order:
@@ -45,6 +45,11 @@ known_hosts file with StrictHostKeyChecking=accept-new, ConnectTimeout). In orde
    without systemd as PID 1 (a container, the emulated Pi) gets the daemon started
    directly (a session of its own, a pid file; nothing restarts it), which the report says. Either
    way deploy waits for ``/readyz`` and one ``/infer`` over the socket.
+
+6. ``--fleet``: Flower's wheels (the ``fleet`` extra, ``flwr==1.42.0`` and its dependencies:
+   grpcio, protobuf, cryptography, SQLAlchemy, pydantic, uv, ...; aarch64 cp311 wheels) join
+   the wheelhouse and the release, so the device can run ``edgecl fleet join`` (a Flower
+   SuperNode, docs/fleet.md). Flower 1.42 needs Python >= 3.11 on the device.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ TVM_FALLBACK = "apache-tvm==0.27.0.post1"
 ALL_BACKENDS = ("numpy", "tvm", "onnxruntime", "tflite")
 # the daemon's web stack when the installed metadata has no `daemon` extra (the pins tested)
 DAEMON_FALLBACK = ("fastapi==0.165.0", "uvicorn==0.54.0", "prometheus-client==0.26.0")
+FLEET_FALLBACK = ("flwr==1.42.0",)  # the `fleet` extra (Flower), likewise
 SERVICE_UNIT = "edgecl-daemon.service"
 UNIT_PREFIX = "/opt/edgecl"  # the install directory as the shipped unit spells it
 MiB = 1 << 20
@@ -264,7 +270,8 @@ def _name(req: str) -> str:
     return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
 
 
-def requirements(backends: list[str], service: bool = False) -> tuple[list[str], str | None]:
+def requirements(backends: list[str], service: bool = False, fleet: bool = False
+                 ) -> tuple[list[str], str | None]:
     """(requirements to download with their dependencies, the apache-tvm pin or None)."""
     extras = _extra_requirements()
     reqs = list(extras.get("device") or ["numpy>=1.24", "cffi>=1.16", "safetensors>=0.4"])
@@ -279,6 +286,8 @@ def requirements(backends: list[str], service: bool = False) -> tuple[list[str],
         reqs += extras.get("tflite") or ["ai-edge-litert>=2.3"]
     if service:
         reqs += extras.get("daemon") or list(DAEMON_FALLBACK)
+    if fleet:
+        reqs += extras.get("fleet") or list(FLEET_FALLBACK)
     reqs += ["pip", "pytest>=8"]
     return reqs, tvm_pin
 
@@ -421,9 +430,9 @@ def build_tvm_runtime_wheel(dest: Path, tvm_pin: str, tags: list[str], cache: Pa
 
 
 def wheelhouse(backends: list[str], py: str, libc: str, machine: str = "aarch64",
-               service: bool = False) -> Path:
+               service: bool = False, fleet: bool = False) -> Path:
     """The device's offline wheelhouse (cached per Python version, glibc and backends)."""
-    reqs, tvm_pin = requirements(backends, service)
+    reqs, tvm_pin = requirements(backends, service, fleet)
     tags = platform_tags(libc, machine)
     key = hashlib.sha256(json.dumps([reqs, tvm_pin, tags, py]).encode()).hexdigest()[:10]
     dest = cache_root() / "wheelhouse" / f"cp{py.replace('.', '')}-{machine}-{key}"
@@ -438,14 +447,16 @@ def wheelhouse(backends: list[str], py: str, libc: str, machine: str = "aarch64"
     return dest
 
 
-def install_names(backends: list[str], house: Path, service: bool = False) -> list[str]:
+def install_names(backends: list[str], house: Path, service: bool = False, fleet: bool = False) -> list[str]:
     names = ["edgecl", "pytest"]
-    reqs, tvm_pin = requirements(backends, service)
+    reqs, tvm_pin = requirements(backends, service, fleet)
     if tvm_pin:
         names += ["edgecl-tvm-runtime"] + [r for r in reqs if _name(r) == "apache-tvm-ffi"]
     names += [r for r in reqs if _name(r) in ("onnxruntime", "ai-edge-litert", "tflite-runtime")]
     if service:
         names += [r for r in reqs if _name(r) in ("fastapi", "uvicorn", "prometheus-client")]
+    if fleet:
+        names += [r for r in reqs if _name(r) == "flwr"]
     return names
 
 
@@ -533,7 +544,7 @@ cat "$REL/smoke.json"
 def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = None, service: bool = False,
            *, backends: str | None = None, remote_dir: str = DEFAULT_REMOTE_DIR,
            known_hosts: str | None = None,
-           connect_timeout: int = 10, log=_say) -> dict:
+           connect_timeout: int = 10, fleet: bool = False, log=_say) -> dict:
     """Deploy ``bundle_dir`` to the device at ``to``; returns a report (dict). Raises DeployError."""
     t0 = time.monotonic()
     if service and importlib.util.find_spec("edgecl.runtime.daemon") is None:
@@ -559,6 +570,9 @@ def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = 
     if not facts["python"]:
         raise DeployError(f"{remote.where}: no python3 on the device (apt-get install python3 python3-venv)")
     py = ".".join(facts["python"].split(".")[:2])
+    if fleet and tuple(int(n) for n in py.split(".")) < (3, 11):
+        raise DeployError(f"--fleet: Flower 1.42 needs Python >= 3.11; {remote.where} has Python {py}. "
+                          "Nothing was copied; the device's install is unchanged")
     backends_list = choose_backends(bundle, target, backends)
     free = facts["free_bytes"]
     at_least = _dir_bytes(bundle_dir) + 64 * MiB  # before any download: the bundle and a minimal install
@@ -574,8 +588,8 @@ def deploy(bundle_dir: str | Path, to: str, target: str, identity: str | None = 
     if v is not None:
         log(f"{bundle_dir}: version {v}: golden outputs added (canary inputs + numpy-reference logits)")
     bundle = Bundle.open(bundle_dir)
-    house = wheelhouse(backends_list, py, facts["libc"], prof.machine, service)
-    names = install_names(backends_list, house, service)
+    house = wheelhouse(backends_list, py, facts["libc"], prof.machine, service, fleet)
+    names = install_names(backends_list, house, service, fleet)
     release_id = hashlib.sha256(json.dumps(
         [RELEASE_RECIPE, bundle.manifest["checksum"], _digest_dir(house, "*.whl"), names, target, py]
     ).encode()).hexdigest()[:12]
@@ -776,13 +790,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--known-hosts", help="known_hosts file (default $EDGECL_CACHE/known_hosts)")
     parser.add_argument("--connect-timeout", type=int, default=10, help="seconds (default 10)")
     parser.add_argument("--service", action="store_true", help="install and start the daemon's systemd unit")
+    parser.add_argument("--fleet", action="store_true",
+                        help="also install Flower, so the device can run `edgecl fleet join` (docs/fleet.md)")
     parser.add_argument("--json", metavar="OUT", help="write the deploy report here")
 
 
 def main(args: argparse.Namespace) -> int:
     report = deploy(args.bundle, args.to, args.target, args.identity, args.service, backends=args.backends,
                     remote_dir=args.remote_dir, known_hosts=args.known_hosts,
-                    connect_timeout=args.connect_timeout)
+                    connect_timeout=args.connect_timeout, fleet=getattr(args, "fleet", False))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0

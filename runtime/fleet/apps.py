@@ -115,9 +115,8 @@ def main(grid: Grid, context: Context) -> None:
 def sync_round(grid: Grid, store: sync.FleetStore, ids: list[int], r: int, timeout: float) -> dict:
     _, ConfigRecord, Message, RecordDict = _records()
     t0 = time.monotonic()
-    have = sorted(store.have())
-    offer = ConfigRecord({"have": json.dumps(have), "round": r})
-    down = len(offer["have"].encode()) * len(ids)
+    offer = ConfigRecord({"have": sync.encode_have(store.have()), "round": r})
+    down = len(offer["have"]) * len(ids)
     print(f"edgecl fleet: round {r}: offering to {len(ids)} nodes", flush=True)
     replies = grid.send_and_receive(
         [Message(RecordDict({"fleet": offer}), dst_node_id=n, message_type="query.offer") for n in ids],
@@ -129,29 +128,32 @@ def sync_round(grid: Grid, store: sync.FleetStore, ids: list[int], r: int, timeo
             errors[str(node)] = str(rep.error.reason)
             continue
         c = rep.content["up"]
-        blobs = {k: v for k, v in c.items() if k.startswith("p")}
-        up += sync.wire_bytes(c["meta"], blobs) + len(c["inventory"].encode())
+        up += sum(len(v) if isinstance(v, bytes) else len(str(v).encode()) for v in c.values())
         if c.get("error"):
             errors[str(node)] = c["error"]
             continue
         try:
-            parts = sync.decode_parts(c["meta"], blobs, f"node {node}")
+            if "payload" not in c:
+                raise sync.FleetError(f"node {node}: its answer carries no payload (an older edgecl?)")
+            doc, parts = sync.decode_parts(c["payload"], f"node {node}")
+            inventory = doc.get("inventory")
+            if not (isinstance(inventory, dict) and all(isinstance(v, str) for v in inventory.values())):
+                raise sync.FleetError(f"node {node}: its answer lacks its inventory (task name -> sha256)")
         except sync.FleetError as e:
             rejected.append({"node": node, "reason": str(e)})
             continue
         ok, bad = store.accept(parts, str(node))
         accepted += ok
         rejected += bad
-        inventories[node] = json.loads(c["inventory"])
+        inventories[node] = inventory
         answered.append(node)
     committed = store.consolidate(note=f"fleet round {r}")
     print(f"edgecl fleet: round {r}: committed fleet version {committed['version']}", flush=True)
     deliveries = []
     for node in answered:
-        parts = store.missing_for(inventories[node])
-        meta, blobs = sync.encode_parts(parts)
-        down += sync.wire_bytes(meta, blobs)
-        deliveries.append(Message(RecordDict({"down": ConfigRecord({"meta": meta, "round": r, **blobs})}),
+        payload = sync.encode_parts(store.missing_for(inventories[node]))
+        down += len(payload)
+        deliveries.append(Message(RecordDict({"down": ConfigRecord({"payload": payload, "round": r})}),
                                   dst_node_id=node, message_type="query.deliver"))
     acks = {}
     for rep in grid.send_and_receive(deliveries, timeout=timeout) if deliveries else []:
@@ -221,15 +223,14 @@ def _delay(context: Context) -> None:
 def on_offer(msg: Message, context: Context) -> Message:
     _, ConfigRecord, Message, RecordDict = _records()
     _delay(context)
-    out = {"meta": "[]", "inventory": "{}"}
+    out: dict = {}
     try:
         bundle = Bundle.open(_node(context, "bundle"))
         key = _key(_node(context, "key"))
         if key is None:
             raise sync.FleetError("the node has no signing key (node config 'key'): it cannot sign uploads")
-        parts = sync.offer(bundle, key.key_id, set(json.loads(msg.content["fleet"]["have"])))
-        meta, blobs = sync.encode_parts(parts)
-        out = {"meta": meta, "inventory": json.dumps(sync.inventory(bundle), sort_keys=True), **blobs}
+        parts = sync.offer(bundle, key.key_id, sync.decode_have(msg.content["fleet"]["have"], "the server"))
+        out = {"payload": sync.encode_parts(parts, inventory=sync.inventory(bundle))}
     except Exception as e:  # the server logs it; the device keeps serving
         out["error"] = f"{type(e).__name__}: {e}"
     return Message(RecordDict({"up": ConfigRecord(out)}), reply_to=msg)
@@ -241,7 +242,7 @@ def on_deliver(msg: Message, context: Context) -> Message:
     c = msg.content["down"]
     try:
         root = _node(context, "bundle")
-        parts = sync.decode_parts(c["meta"], {k: v for k, v in c.items() if k.startswith("p")}, "the server")
+        _, parts = sync.decode_parts(c["payload"], "the server")
         res = sync.apply_parts(root, parts, key=_key(_node(context, "key")),
                                trust=_trust(_node(context, "trust-store")),
                                note=f"fleet round {c['round']}")

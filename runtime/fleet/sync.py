@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -85,32 +86,80 @@ def offer(bundle: Bundle, key_id: str, fleet_has: set[str]) -> list[dict]:
 
 
 # -- encoding for the wire (Flower ConfigRecords hold str, int and bytes) -----------------
-def encode_parts(parts: list[dict]) -> tuple[str, dict[str, bytes]]:
-    """(JSON of everything but the data, {"p<i>": data}) and nothing else on the wire."""
-    meta = [{k: v for k, v in p.items() if k != "data"} for p in parts]
-    return json.dumps(meta, sort_keys=True), {f"p{i}": p["data"] for i, p in enumerate(parts)}
+# A message's payload is one zlib stream: a JSON document (compact, one line), a newline,
+# then the task files' bytes back to back (their sizes are in the document). One stream per
+# message, so what parts share (the safetensors headers, the graph and backbone hashes, key
+# ids) travels once. The receiver inflates it and checks every part exactly as before: the
+# signature and the sha256 are over the task file's original bytes.
+MAX_PAYLOAD = 1 << 30  # inflated bytes a receiver accepts in one message (a zlib bomb stops here)
 
 
-def decode_parts(meta_json: str, blobs: Mapping[str, bytes], where: str) -> list[dict]:
+def pack(doc: dict, blobs: list[bytes]) -> bytes:
+    """``doc`` and ``blobs`` as one message's payload (see above)."""
+    head = json.dumps(dict(doc, sizes=[len(b) for b in blobs]), sort_keys=True, separators=(",", ":"))
+    return zlib.compress(head.encode() + b"\n" + b"".join(blobs), 9)
+
+
+def unpack(payload: bytes, where: str, limit: int = MAX_PAYLOAD) -> tuple[dict, list[bytes]]:
+    """(document, blobs) of a payload made by :func:`pack`; FleetError naming ``where`` when
+    it is not one (not zlib, truncated, over ``limit`` bytes inflated, sizes that do not add up)."""
+    if not isinstance(payload, bytes):
+        raise FleetError(f"{where}: the payload is {type(payload).__name__}, not bytes")
+    z = zlib.decompressobj()
     try:
-        meta = json.loads(meta_json)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise FleetError(f"{where}: the parts' metadata is not JSON ({e})") from None
-    if not isinstance(meta, list):
-        raise FleetError(f"{where}: the parts' metadata must be a list")
+        raw = z.decompress(payload, limit + 1)
+    except zlib.error as e:
+        raise FleetError(f"{where}: the payload is not a zlib stream ({e})") from None
+    if len(raw) > limit or z.unconsumed_tail:
+        raise FleetError(f"{where}: the payload inflates to more than {limit:,} bytes; refused")
+    if not z.eof:
+        raise FleetError(f"{where}: the payload is truncated (its zlib stream does not end)")
+    head, sep, body = raw.partition(b"\n")
+    try:
+        doc = json.loads(head) if sep else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FleetError(f"{where}: the payload's document is not JSON ({e})") from None
+    sizes = doc.get("sizes") if isinstance(doc, dict) else None
+    if not (isinstance(sizes, list) and all(isinstance(n, int) and n >= 0 for n in sizes)
+            and sum(sizes) == len(body)):
+        raise FleetError(f"{where}: the payload's file sizes do not match its {len(body):,} bytes of files")
+    blobs, at = [], 0
+    for n in sizes:
+        blobs.append(body[at:at + n])
+        at += n
+    return doc, blobs
+
+
+def encode_parts(parts: list[dict], **doc) -> bytes:
+    """``parts`` (and the JSON-able ``doc`` entries) as one payload: nothing else travels."""
+    meta = [{k: v for k, v in p.items() if k != "data"} for p in parts]
+    return pack(dict(doc, parts=meta), [p["data"] for p in parts])
+
+
+def decode_parts(payload: bytes, where: str) -> tuple[dict, list[dict]]:
+    """(the payload's document, its parts, each with its ``data``); FleetError naming ``where``."""
+    doc, blobs = unpack(payload, where)
+    meta = doc.get("parts")
+    if not isinstance(meta, list) or len(meta) != len(blobs):
+        raise FleetError(f"{where}: the payload holds {len(blobs)} files for "
+                         f"{len(meta) if isinstance(meta, list) else 'no list of'} parts")
     out = []
     for i, m in enumerate(meta):
         if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("entry"), dict)):
             raise FleetError(f"{where}: part {i} lacks its name or entry")
-        data = blobs.get(f"p{i}")
-        if not isinstance(data, bytes):
-            raise FleetError(f"{where}: part {i} ({m['name']!r}) came without its file")
-        out.append(dict(m, data=data))
-    return out
+        out.append(dict(m, data=blobs[i]))
+    return doc, out
 
 
-def wire_bytes(meta_json: str, blobs: Mapping[str, bytes]) -> int:
-    return len(meta_json.encode()) + sum(len(b) for b in blobs.values())
+def encode_have(shas) -> bytes:
+    """A set of sha256 hex digests as their raw 32 bytes each (sorted)."""
+    return b"".join(bytes.fromhex(h) for h in sorted(shas))
+
+
+def decode_have(data: bytes, where: str) -> set[str]:
+    if not isinstance(data, bytes) or len(data) % 32:
+        raise FleetError(f"{where}: the fleet's inventory is not a run of 32-byte sha256 digests")
+    return {data[i:i + 32].hex() for i in range(0, len(data), 32)}
 
 
 # -- checks shared by both sides -----------------------------------------------------------
