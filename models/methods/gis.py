@@ -22,8 +22,9 @@ similar (constructive overlap), or a new model is spawned when the overlap is sm
 destructive, or the model is nearly full.
 
 Without task boundaries, :func:`detect_onsets` finds a new task's onset in an unlabeled
-stream: a batch whose label-free gradient scores (:meth:`GIS.input_scores`) deviate from
-the current task's reference by more than a threshold calibrated on the task's own data;
+stream: a run of inputs whose label-free gradient scores (:meth:`GIS.input_scores`)
+deviate from the current task's reference by more than a threshold calibrated on the
+task's own data, more often than the task's own inputs do (a CUSUM over the inputs);
 :func:`learn_stream` learns a labelled stream without boundaries that way. Without a task
 id, :meth:`GIS.select` picks the model with the lowest pseudo-label loss, then its task
 whose gradient scores deviate least (a batch, as in the paper).
@@ -62,14 +63,17 @@ class GIS(Method):
     # overlap_min / deviation_max: below / above them a model's tasks are not similar
     # enough to share it; min_free: a model with less free weight is full; max_models:
     # the mixture's size cap (1: never spawn); probe_epochs: epochs of the probe head;
-    # onset_batch / onset_margin: the batch size onsets are detected on, and the margin over
-    # the largest deviation of a task's own batches that a batch must exceed to start a task;
+    # onset_batch / onset_margin: the batch size of selection and onset detection, and the
+    # margin over the largest median deviation of a task's own batches (selection's scale);
+    # onset_quantile / onset_drift / onset_alarm: the onset test, a CUSUM over inputs: an input
+    # exceeds a task's reference above that quantile of its own inputs' deviations; the sum
+    # of (exceeds - drift), floored at 0, reaching onset_alarm raises an onset (detect_onsets);
     # warm_start: 1 keeps released weights' trained values as the next task's start (they
     # run as +0.0 for the tasks that released them), 0 sets them to 0 as PackNet does.
     defaults = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "threshold": 0.3, "retrain_epochs": 10,
                 "score_batches": 8, "overlap_min": 0.35, "deviation_max": 0.25, "min_free": 0.1,
                 "max_models": 4, "probe_epochs": 5, "onset_batch": 16, "onset_margin": 1.1,
-                "warm_start": 1}
+                "onset_quantile": 0.9, "onset_drift": 0.3, "onset_alarm": 6.0, "warm_start": 1}
 
     def __init__(self, graph: Graph, seed: int = 0, backbone: dict[str, np.ndarray] | None = None,
                  **hp: float) -> None:
@@ -80,8 +84,8 @@ class GIS(Method):
         self.task_model: list[int] = []
         self.scores: list[dict[str, torch.Tensor]] = []  # per task: normalized scores, float16
         self.metrics: list[dict[str, float]] = []
-        # per task: class means of its inputs' scores and its onset threshold (see reference)
-        self.refs: list[tuple[torch.Tensor, float]] = []
+        # per task: class means of its inputs' scores, its batch and its input thresholds (reference)
+        self.refs: list[tuple[torch.Tensor, float, float]] = []
         self._choice: tuple[int, float, float, bool] | None = None  # the task being learned
 
     # -- models ----------------------------------------------------------------------
@@ -345,11 +349,13 @@ class GIS(Method):
         return pred, torch.cat([p / p.sum(1, keepdim=True).clamp(min=1e-12) for p in parts], 1)
 
     def reference(self, params: dict[str, torch.Tensor], head: tuple[torch.Tensor, torch.Tensor],
-                  x: np.ndarray) -> tuple[torch.Tensor, float]:
+                  x: np.ndarray) -> tuple[torch.Tensor, float, float]:
         """A task's reference on its own inputs ``x``: per class, the mean score vector of
-        the inputs predicted as it; and the onset threshold, calibrated on the same data:
-        ``onset_margin`` x the largest median deviation over its windows of ``onset_batch``
-        consecutive inputs."""
+        the inputs predicted as it; the batch threshold, ``onset_margin`` x the largest
+        median deviation over its windows of ``onset_batch`` consecutive inputs (the scale
+        :meth:`select` compares tasks on); and the input threshold, the ``onset_quantile``
+        of its inputs' deviations (the onset test's, :func:`detect_onsets`). Both are
+        calibrated on the same data."""
         pred, g = self.input_scores(params, head, self._x(x))
         n = head[0].shape[0]
         # a class none of its inputs is predicted as: any input predicted as it deviates
@@ -360,12 +366,35 @@ class GIS(Method):
         # every window of a batch's length, not only aligned batches: a stream's batches
         # fall anywhere in a task's data
         windows = dev.unfold(0, bs, 1).median(dim=1).values
-        return means, float(windows.max()) * float(self.hp["onset_margin"])
+        per_input = float(torch.quantile(dev.double(), float(self.hp["onset_quantile"])))
+        return means, float(windows.max()) * float(self.hp["onset_margin"]), per_input
 
     def deviation(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """Per-input deviation of ``x``'s scores under task ``t`` from the task's reference."""
         pred, g = self.input_scores(self._run_params(t), self.heads[t], x)
         return (g - self.refs[t][0][pred]).abs().sum(1)
+
+    def exceeds(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Per input: does ``x`` deviate from task ``t``'s reference by more than the task's
+        input threshold (its own inputs do so with probability 1 - ``onset_quantile``)?"""
+        return self.deviation(t, x) > self.refs[t][2]
+
+    @torch.no_grad()
+    def closest_task(self, x: np.ndarray | torch.Tensor, exclude: Sequence[int] = ()) -> int:
+        """The task (of any model) whose reference the inputs ``x`` exceed least: the
+        fraction of them over its input threshold, ties by the median deviation over its
+        batch threshold. Label-free, as :meth:`select`, but without the pseudo-label loss's
+        model choice: a binary head is confident on foreign classes, and on tasks whose
+        classes recur the loss picked the wrong model for a quarter of the batches."""
+        xt = x if isinstance(x, torch.Tensor) else self._x(x)
+        cand = [t for t in range(len(self.tasks)) if t not in set(exclude)]
+        if not cand:
+            raise ValueError("gis: no task left to choose from")
+        key = {}
+        for t in cand:
+            d = self.deviation(t, xt)
+            key[t] = (float((d > self.refs[t][2]).double().mean()), float(d.median()) / self.refs[t][1])
+        return min(cand, key=key.__getitem__)
 
     def _run_params(self, t: int) -> dict[str, torch.Tensor]:
         m = self.task_model[t]
@@ -406,8 +435,9 @@ class GIS(Method):
             state.update({f"owner{m}.{n}": o for n, o in own.items()})
         for t, s in enumerate(self.scores):
             state.update({f"score{t}.{n}": v.contiguous() for n, v in s.items()})
-        for t, (means, _) in enumerate(self.refs):
+        for t, (means, _, per_input) in enumerate(self.refs):
             state[f"ref{t}"] = means.contiguous()
+            state[f"onset{t}"] = torch.tensor([per_input], dtype=torch.float64)
         for t, mt in enumerate(self.metrics):
             state[f"gis_metrics.{t}"] = torch.tensor([mt[k] for k in METRIC_KEYS], dtype=torch.float64)
         return state
@@ -423,7 +453,11 @@ class GIS(Method):
                        for t in range(n_tasks)]
         self.metrics = [dict(zip(METRIC_KEYS, state[f"gis_metrics.{t}"].tolist(), strict=True))
                         for t in range(n_tasks)]
-        self.refs = [(state[f"ref{t}"].clone(), float(self.metrics[t]["onset_threshold"]))
+        # a state written before the input threshold existed: the largest window median
+        # (the batch threshold without its margin) stands in for it
+        self.refs = [(state[f"ref{t}"].clone(), float(self.metrics[t]["onset_threshold"]),
+                      float(state[f"onset{t}"][0]) if f"onset{t}" in state
+                      else float(self.metrics[t]["onset_threshold"]) / float(self.hp["onset_margin"]))
                      for t in range(n_tasks)]
 
 
@@ -433,33 +467,86 @@ def detect_onsets(method: GIS, x: np.ndarray, batch_size: int | None = None, *, 
     """Batch indices where a new task starts in the unlabeled stream ``x`` (no boundaries,
     no labels), for a method that has learned the stream's tasks.
 
-    A batch whose median deviation from the current task's reference exceeds that task's
-    threshold (calibrated on the task's own training data) is an onset. The current task
-    starts as ``start`` (default: what :meth:`GIS.select` picks on the first batch); after
-    an onset it is, with ``follow="next"``, the next task in learning order (a learner that
-    detects the end of the task it has converged on, then learns the next one; detection
-    stops after the last learned task), or with ``follow="select"`` the task
-    :meth:`GIS.select` picks on the batch after the onset (the onset batch may straddle
-    the boundary; that batch is not tested itself)."""
+    The stream arrives in batches (of ``onset_batch``); each input is tested against the
+    current task's reference: does its deviation exceed the task's input threshold (the
+    ``onset_quantile`` of its own training inputs' deviations)? A CUSUM over the inputs,
+    ``S = max(0, S + exceeds - onset_drift)``, rises while more inputs exceed than the
+    drift allows, and raises an alarm at ``onset_alarm``. A batch whose inputs are half the
+    current task's (classes that recur) still rises on its foreign half, which a single
+    batch's median did not. The new task is, with ``follow="next"``, the next in learning
+    order (a learner that detects the end of the task it has converged on, then learns the
+    next one), with ``follow="select"`` the one :meth:`GIS.closest_task` picks on the
+    inputs from the rise (after the last ``S = 0``) to a batch past the alarm (mostly the
+    new task's; the task just left excluded). The onset is placed where the inputs stop
+    fitting the old task's reference and start fitting the new one's (:func:`_split`),
+    reported as the batch holding it, and the test restarts at the alarm under the new
+    task. After the last learned task (``follow="next"``) an alarm is placed in the rise's
+    first batch that exceeds more than the drift allows, and detection stops. ``start``:
+    the first current task (default: :meth:`GIS.closest_task` on the first batch). An
+    onset placed in the batch of the previous one is not a second onset (the choice after
+    it was wrong, and is corrected)."""
     if follow not in ("next", "select"):
         raise ValueError(f"detect_onsets: follow must be 'next' or 'select', got {follow!r}")
     bs = int(batch_size or method.hp["onset_batch"])
+    drift, alarm_at = float(method.hp["onset_drift"]), float(method.hp["onset_alarm"])
     xt = method._x(x)
     onsets: list[int] = []
-    current = method.select(xt[:bs])[1] if start is None else int(start)
+    current = method.closest_task(xt[:bs]) if start is None else int(start)
     i = 0
     while i < len(x):
-        if float(method.deviation(current, xt[i:i + bs]).median()) > method.refs[current][1]:
-            onsets.append(i // bs)
-            if follow == "next":
-                current += 1
-                if current >= len(method.tasks):
+        s, rise, alarm = 0.0, i, -1
+        exceeded: list[bool] = []  # from input i on, under the current task
+        for j in range(i, len(x), bs):  # batch by batch from where the test (re)started
+            for e in method.exceeds(current, xt[j:j + bs]).tolist():
+                exceeded.append(e)
+                s = max(0.0, s + float(e) - drift)
+                if s == 0.0:
+                    rise = i + len(exceeded)
+                if s >= alarm_at:
+                    alarm = i + len(exceeded)
                     break
-            else:
-                i += bs
-                current = method.select(xt[i:i + bs] if i < len(x) else xt[i - bs:i])[1]
-        i += bs
+            if alarm >= 0:
+                break
+        if alarm < 0:
+            break
+        if follow == "next":
+            if current + 1 >= len(method.tasks):  # no later task's reference to place it by
+                onsets.append(_onset_batch(exceeded, i, rise, alarm, bs, drift))
+                break
+            new = current + 1
+        else:
+            new = method.closest_task(xt[rise:alarm + bs], exclude=(current,))
+        # placed where the inputs stop fitting the old task and start fitting the new one
+        onset = _split(exceeded, method.exceeds(new, xt[i:alarm]).tolist(), i) // bs
+        if not onsets or onset > onsets[-1]:
+            onsets.append(onset)
+        current = new
+        i = alarm
     return onsets
+
+
+def _onset_batch(exceeded: Sequence[bool], first: int, rise: int, alarm: int, bs: int, drift: float) -> int:
+    """The batch of the rise that first exceeds more than the drift allows (the part of it
+    from the rise to the alarm): a rise begun by the odd deviating input of the old task
+    just before the boundary is not placed a batch early."""
+    for b in range(rise // bs, (alarm - 1) // bs + 1):
+        part = exceeded[max(b * bs, rise) - first:min((b + 1) * bs, alarm) - first]
+        if sum(part) > drift * len(part):
+            return b
+    return rise // bs
+
+
+def _split(old: Sequence[bool], new: Sequence[bool], first: int) -> int:
+    """The input index c (from ``first`` on) that minimizes the inputs before c exceeding
+    the old task plus those from c on exceeding the new one; the latest of equal ones (a
+    boundary found late by a few inputs is still in its batch or the next)."""
+    cost = best = sum(new)
+    at = 0
+    for k in range(len(new)):
+        cost += int(old[k]) - int(new[k])
+        if cost <= best:
+            best, at = cost, k + 1
+    return first + at
 
 
 def onset_precision_recall(detected: Sequence[int], boundaries: Sequence[int], batch_size: int,
@@ -526,14 +613,13 @@ def learn_stream(method: GIS, x: np.ndarray, y: np.ndarray, *, warmup: int = 8, 
     where it found tasks to start.
 
     Each segment's first ``warmup`` batches (of ``onset_batch``) are learned as a task by a
-    copy of the method (the probe: converged on them, its reference and threshold
-    calibrated on them, with ``margin`` in place of ``onset_margin``: a reference from a
-    few batches is looser than one from a whole task); the first later batch whose median
-    deviation from it exceeds the threshold ends the segment (:func:`detect_onsets`),
-    which the method then learns as a task (classes: the labels it holds; a stratified
-    ``test_fraction`` held out for its test accuracy). A label with fewer than half a
-    batch of samples in a segment is spill from a batch that straddles a boundary: those
-    samples are left out."""
+    copy of the method (the probe: converged on them, its reference and thresholds
+    calibrated on them, both times ``margin``: a reference from a few batches is tighter
+    than one from a whole task); the first onset :func:`detect_onsets` finds after them
+    under the probe's reference ends the segment, which the method then learns as a task
+    (classes: the labels it holds; a stratified ``test_fraction`` held out for its test
+    accuracy). A label with fewer than half a batch of samples in a segment is spill from a
+    batch that straddles a boundary: those samples are left out."""
     if len(x) != len(y):
         raise ValueError(f"learn_stream: {len(x)} inputs but {len(y)} labels")
     if warmup < 1:
@@ -560,6 +646,9 @@ def _segment_length(method: GIS, x: np.ndarray, y: np.ndarray, warmup: int, bs: 
     probe = copy.deepcopy(method)
     probe.hp["onset_margin"] = float(margin)
     _learn_segment(probe, x[:n_warm], y[:n_warm], len(method.tasks), 0.0)
+    # its input threshold is an in-sample quantile of a few batches: loosened by the margin too
+    means, batch_thr, input_thr = probe.refs[-1]
+    probe.refs[-1] = (means, batch_thr, input_thr * float(margin))
     onsets = detect_onsets(probe, x[n_warm:], bs, start=len(probe.tasks) - 1)
     return n_warm + onsets[0] * bs if onsets else len(x)
 
