@@ -34,10 +34,14 @@ EMULATED = ("test_deploy_emulated.py", "test_daemon.py::test_deploy_service_on_t
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, so the two workers share the long ones instead of one worker
-    finishing the suite alone with them; the emulated-Pi tests in one xdist group."""
+    finishing the suite alone with them; the emulated-Pi tests in one xdist group; the
+    other tests of a module in one group, so a module-scoped fixture (a trained run) is
+    made once, not once per worker (slow tests, which mostly train their own, stay free)."""
     for item in items:
         if any(e in item.nodeid for e in EMULATED):
             item.add_marker(pytest.mark.xdist_group("emulated-pi"))
+        elif item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
 
 
