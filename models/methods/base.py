@@ -29,6 +29,13 @@ MASK_BITS = WeightBits.name
 MASK_UNITS = UnitGates.name
 
 
+def free_fraction(owner: dict[str, torch.Tensor]) -> float:
+    """The share of entries no task owns, over an owner table (node -> task index + 1, 0
+    where free): the capacity PackNet-style methods have left."""
+    total = sum(o.numel() for o in owner.values())
+    return sum(int((o == 0).sum()) for o in owner.values()) / total
+
+
 def task_generator(seed: int, index: int) -> torch.Generator:
     """A generator per (seed, task): resuming a run reproduces an uninterrupted one."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + index + 1)

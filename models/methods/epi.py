@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..data import Task
 from ..torchnet import Params
-from .base import MASK_BITS, Method
+from .base import MASK_BITS, Method, free_fraction
 
 # Per-task figures kept in the run state (one float vector per task), in this order.
 _METRIC_KEYS = ("drift_mean", "drift_max", "drift_last", "mask_updates", "protected", "released",
@@ -272,8 +272,7 @@ class EPI(Method):
         return self.encode_task({f"mask.{n}": keep.numpy() for n, keep in self._mask(t).items()}, t)
 
     def free_fraction(self) -> float:
-        total = sum(o.numel() for o in self.owner.values())
-        return sum(int((o == 0).sum()) for o in self.owner.values()) / total
+        return free_fraction(self.owner)
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         state = {f"owner.{n}": o for n, o in self.owner.items()}

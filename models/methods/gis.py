@@ -43,7 +43,7 @@ from edgecl.runtime.graph import Graph
 
 from ..data import Task, _digits, _make_task, _stratified_split
 from ..torchnet import Params, features, init_backbone
-from .base import MASK_BITS, Method
+from .base import MASK_BITS, Method, free_fraction
 from .tss import normalize_importance
 
 # The figures a task records (task_metrics), in the order the run state stores them.
@@ -116,8 +116,7 @@ class GIS(Method):
         return [t for t, mt in enumerate(self.task_model) if mt == m]
 
     def free_fraction(self, m: int) -> float:
-        own = self.owner[m].values()
-        return sum(int((o == 0).sum()) for o in own) / sum(o.numel() for o in own)
+        return free_fraction(self.owner[m])
 
     def frozen_per_layer(self, m: int) -> dict[str, float]:
         """Percentage of each masked layer of model ``m`` that tasks own (frozen)."""

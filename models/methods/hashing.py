@@ -43,7 +43,7 @@ from edgecl.runtime.kinds.selection import task_seed
 
 from ..data import Task
 from ..torchnet import Params
-from .base import MASK_BITS, Method
+from .base import MASK_BITS, Method, free_fraction
 
 HASH_CHAIN = HashChain.name
 _METRIC_KEYS = ("hash_picks", "collisions", "collision_rate", "own_density", "run_density",
@@ -202,8 +202,7 @@ class Hashing(Method):
         return self.encode_task(parts, t)
 
     def free_fraction(self) -> float:
-        total = sum(o.numel() for o in self.owner.values())
-        return sum(int((o == 0).sum()) for o in self.owner.values()) / total
+        return free_fraction(self.owner)
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         state = {f"owner.{n}": o for n, o in self.owner.items()}

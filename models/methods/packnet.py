@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data import Task
 from ..torchnet import Params
-from .base import MASK_BITS, Method
+from .base import MASK_BITS, Method, free_fraction
 
 
 class PackNet(Method):
@@ -105,8 +105,7 @@ class PackNet(Method):
                                  for n, own in self.owner.items()}, t)
 
     def free_fraction(self) -> float:
-        total = sum(o.numel() for o in self.owner.values())
-        return sum(int((o == 0).sum()) for o in self.owner.values()) / total
+        return free_fraction(self.owner)
 
     def _extra_state(self):
         return {f"owner.{n}": o for n, o in self.owner.items()}
