@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -182,28 +183,205 @@ def test_prototype_fused_decide_matches_generic_decide(trained, digits, impl):
         assert np.array_equal(a, b)
 
 
-def test_sampled_view_is_the_first_layer_exactly():
-    """Large image inputs: the router looks at the first Conv (+ its activation) at a grid
-    of output positions; those values equal the full layer's at the same positions."""
-    from edgecl.runtime import executor
+class _Rt:
+    """What a view needs of a runtime: the input shape, the graph, the first task's parameters."""
+
+    def __init__(self, graph, params=None) -> None:
+        from types import SimpleNamespace
+
+        self.input_shape = tuple(graph.input_shape)
+        self.bundle = SimpleNamespace(graph=graph, tasks=[{"name": "t0"}])
+        self._active = SimpleNamespace(params=params or {})
+
+    def activate(self, task):
+        return self._active
+
+
+def _conv_graph(size, stride, pads, dil, group, after=("Clip",)):
     from edgecl.runtime.graph import Graph, Node, Param, Value
+
+    params = [Param("w", (12, 3 // group, 3, 3), "weight"), Param("b", (12,), "bias")]
+    nodes = [Node("c", "Conv", ("x", "w", "b"), ("c",),
+                  {"strides": [stride, stride], "pads": pads, "dilations": [dil, dil], "group": group})]
+    for op in after:
+        attrs = {"min": 0.0, "max": 6.0} if op == "Clip" else {}
+        nodes.append(Node(op.lower(), op, (nodes[-1].outputs[0],), (op.lower(),), attrs))
+    last = nodes[-1].outputs[0]
+    nodes += [Node("g", "GlobalAveragePool", (last,), ("g",)), Node("f", "Flatten", ("g",), ("f",))]
+    return Graph([Value("x", (3, size, size))], params, nodes, "f"), last
+
+
+def _flat_graph(shape):
+    from edgecl.runtime.graph import Graph, Node, Value
+
+    return Graph([Value("x", tuple(shape))], [], [Node("f", "Flatten", ("x",), ("f",))], "f")
+
+
+def test_sampled_view_is_the_first_layer_exactly():
+    """Routers stored with the old "sampled" view (the first Conv + its activation at
+    SAMPLES x SAMPLES output positions, mean-pooled) compute it as before."""
+    from edgecl.runtime import executor
     from edgecl.runtime.routers import view as V
 
     rng = np.random.default_rng(0)
     for size, stride, pads, dil, group in [(32, 1, [1, 1, 1, 1], 1, 1), (97, 2, [0, 1, 1, 0], 1, 1),
                                            (49, 2, [2, 2, 3, 2], 2, 3)]:
-        params = [Param("w", (12, 3 // group, 3, 3), "weight"), Param("b", (12,), "bias")]
-        nodes = [Node("c", "Conv", ("x", "w", "b"), ("c",),
-                      {"strides": [stride, stride], "pads": pads, "dilations": [dil, dil], "group": group}),
-                 Node("r", "Clip", ("c",), ("r",), {"min": 0.0, "max": 6.0}),
-                 Node("g", "GlobalAveragePool", ("r",), ("g",)), Node("f", "Flatten", ("g",), ("f",))]
-        g = Graph([Value("x", (3, size, size))], params, nodes, "f")
+        g, _ = _conv_graph(size, stride, pads, dil, group)
         w = {"w": rng.standard_normal((12, 3 // group, 3, 3)).astype(np.float32),
              "b": rng.standard_normal(12).astype(np.float32)}
         x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        view = V.choose(g)
-        assert view.kind == "sampled" and view.value == "r"
-        full = executor.value(g, w, x, "r")
+        view = V.View("sampled", "clip", 4)
+        full = executor.value(g, w, x, "clip")
         rows = np.linspace(0, full.shape[2] - 1, V.SAMPLES).round().astype(int)
         cols = np.linspace(0, full.shape[3] - 1, V.SAMPLES).round().astype(int)
-        np.testing.assert_allclose(V._sampled(g, w, x, view), full[:, :, rows][:, :, :, cols], atol=1e-5)
+        want = full[:, :, rows][:, :, :, cols]
+        np.testing.assert_allclose(V._sampled(g, w, x, view), want, atol=1e-5)
+        pooled = V.compute(view, _Rt(g, w), x)
+        np.testing.assert_allclose(pooled, want.reshape(2, 12, 4, 2, 4, 2).mean(axis=(3, 5)).reshape(2, -1),
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("after", [("Clip",), ("Relu",), ("Clip", "Sigmoid")])
+def test_patches_view_is_the_first_layer_exactly(after):
+    """Large images: the default view is the first Conv (+ its element-wise ops) at a grid
+    of output positions (padding included), summed over cells — the full layer's values
+    there, less at most a constant (a bias folded into a ReLU's or Clip's bounds), which
+    no Mahalanobis distance sees; at most PATCH_DIMS values."""
+    from edgecl.runtime import executor
+    from edgecl.runtime.routers import view as V
+
+    rng = np.random.default_rng(0)
+    for size, stride, pads, dil, group in [(32, 1, [1, 1, 1, 1], 1, 1), (97, 2, [0, 1, 1, 0], 1, 1),
+                                           (49, 2, [2, 2, 3, 2], 2, 3)]:
+        g, last = _conv_graph(size, stride, pads, dil, group, after)
+        w = {"w": rng.standard_normal((12, 3 // group, 3, 3)).astype(np.float32),
+             "b": rng.standard_normal(12).astype(np.float32)}
+        view = V.choose(g)
+        assert view.kind == "patches" and view.value == last and view.samples % view.grid == 0
+        assert 12 * view.grid ** 2 <= V.PATCH_DIMS and view.samples >= V.PATCH_SAMPLES
+        x = rng.standard_normal((5, 3, size, size)).astype(np.float32)
+        got = V.compute(view, _Rt(g, w), x)
+        full = executor.value(g, w, x, last)
+        s, k = view.samples, view.samples // view.grid
+        pos = [np.linspace(0, n - 1, s).round().astype(int) for n in full.shape[2:]]  # the old view's
+        sub = full[:, :, pos[0]][:, :, :, pos[1]]
+        want = sub.reshape(5, 12, view.grid, k, view.grid, k).sum(axis=(3, 5)).transpose(0, 2, 3, 1)
+        diff = got - want.reshape(5, -1)
+        assert got.dtype == np.float32 and got.shape == (5, 12 * view.grid ** 2)
+        np.testing.assert_allclose(diff, np.broadcast_to(diff[:1], diff.shape), atol=2e-5)
+        if after[-1] == "Sigmoid":  # an op after the activation: the true values, no offset
+            np.testing.assert_allclose(diff, 0, atol=2e-5)
+        # one sample at a time computes what a batch does (fit and decide agree)
+        np.testing.assert_allclose(V.compute(view, _Rt(g, w), x[:1]), got[:1], atol=2e-5)
+
+
+def test_pooled_view_of_a_mid_size_input():
+    """Inputs of VIEW_DIMS..RAW_LIMIT values (a 49x10 MFCC, 640 audio features) are summed
+    over cells to at most VIEW_DIMS values (the routing product ~d², not 490² or 640²);
+    the coarsest axis as fine as it can be; small inputs (an 8x8 digit) stay raw."""
+    from edgecl.runtime.routers import view as V
+
+    assert V.choose(_flat_graph((1, 8, 8))) == V.View("input")
+    assert V.choose(_flat_graph((64,))) == V.View("input")
+    assert V.choose(_flat_graph((1, 49, 10))) == V.View("pooled", cells=(1, 7, 10))  # 7 frames of 10 MFCCs
+    assert V.choose(_flat_graph((640,))) == V.View("pooled", cells=(160,))
+    rng = np.random.default_rng(0)
+    for shape in [(1, 49, 10), (640,), (1, 13, 17), (3, 10, 11), (331,)]:
+        view = V.choose(_flat_graph(shape))
+        assert view.kind == "pooled" and math.prod(view.cells) <= V.VIEW_DIMS
+        assert V.View.from_json(view.to_json()) == view
+        x = rng.standard_normal((4, *shape)).astype(np.float32)
+        got = V.compute(view, _Rt(_flat_graph(shape)), x)
+        want = x.astype(np.float64)
+        for axis, (n, c) in enumerate(zip(shape, view.cells, strict=True)):
+            b = [round(i * n / c) for i in range(c + 1)]
+            want = np.stack([want.take(range(b[i], b[i + 1]), axis=axis + 1).sum(axis=axis + 1)
+                             for i in range(c)], axis=axis + 1)
+        assert got.dtype == np.float32 and got.shape == (4, math.prod(view.cells))
+        np.testing.assert_allclose(got, want.reshape(4, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 49, 10), (640,)])
+def test_pooled_view_routes_split_digits(digits, shape):
+    """Split-Digits fitted to a ds-cnn (1x49x10) or fc-autoencoder (640) input: the pooled
+    view (70 or 160 values) still tells the five tasks apart and rejects noise
+    (measured, docs/routing.md: 0.987 / 0.982, as the raw 490 / 640 values' 0.982)."""
+    from edgecl.models.data import fit_input
+    from edgecl.runtime.routers import view as V
+
+    rt = _Rt(_flat_graph(shape))
+    r = PrototypeRouter()
+    for t in digits.tasks:
+        r.add_task(rt, t.name, fit_input(t.x_train, shape), t.y_train)
+    assert r.view.kind == "pooled" and r._prepare()[0].shape[0] <= V.VIEW_DIMS
+    hits = np.concatenate([r.decide(rt, fit_input(t.x_test, shape)).best == i
+                           for i, t in enumerate(digits.tasks)])
+    assert hits.mean() >= 0.97
+    top = float(digits.tasks[0].x_train.max())  # noise over the digits' range
+    noise = np.random.default_rng(0).random((200, *shape), dtype=np.float32) * top
+    assert (r.decide(rt, noise).task == UNKNOWN).mean() >= 0.95
+
+
+def test_routers_stored_with_old_views_decide_as_before(digits):
+    """A router stored with an old view ("input" on a 490-value input, "sampled", or no
+    view at all) keeps it on loading, and decides exactly as that view always did."""
+    from edgecl.models.data import fit_input
+    from edgecl.runtime.routers import view as V
+    from edgecl.runtime.routers.base import Router
+
+    assert V.View("sampled", "relu", 4).to_json() == '{"kind": "sampled", "value": "relu", "grid": 4}'
+    assert V.View("input").to_json() == '{"kind": "input", "value": "", "grid": 0}'
+    assert V.View.from_json(None) == V.View("input")
+    rng = np.random.default_rng(0)
+    g, _ = _conv_graph(32, 1, [1, 1, 1, 1], 1, 1)
+    w = {"w": rng.standard_normal((12, 3, 3, 3)).astype(np.float32),
+         "b": rng.standard_normal(12).astype(np.float32)}
+    cases = [((1, 49, 10), _Rt(_flat_graph((1, 49, 10))), V.View("input")),
+             ((3, 32, 32), _Rt(g, w), V.View("sampled", "clip", 4))]
+    for shape, rt, old in cases:
+        r = PrototypeRouter()
+        r.view = old
+        for t in digits.tasks[:3]:
+            r.add_task(rt, t.name, fit_input(t.x_train, shape), t.y_train)
+        arrays, meta = r.state()
+        if old.kind == "input":
+            meta.pop("view")  # stored before views existed
+        back = PrototypeRouter.from_state(arrays, meta)
+        assert back.view == old
+        x = np.concatenate([fit_input(t.x_test[:30], shape) for t in digits.tasks]).astype(np.float32)
+        got, want = back.decide(rt, x), r.decide(rt, x)
+        for k in ("task", "best", "confidence", "scores"):
+            assert np.array_equal(getattr(got, k), getattr(want, k))
+        # and that is the old view's decision: raw values / mean-pooled sampled layer
+        flat = x.reshape(len(x), -1) if old.kind == "input" else \
+            V._sampled(g, w, x, old).reshape(len(x), 12, 4, 2, 4, 2).mean(axis=(3, 5)).reshape(len(x), -1)
+        np.testing.assert_allclose(V.compute(old, rt, x), flat, atol=1e-5)
+        ref = Router.decide(back, rt, x.astype(np.float64))
+        assert (ref.best == got.best).mean() >= 0.99
+
+
+def test_patches_view_decides_as_the_old_sampled_view(digits):
+    """At the old view's positions and grid, a patches view is the old sampled view times
+    a constant plus a constant (sums, not means; the bias in the activation's bounds), so
+    the router's decisions and novelty floors are the same: its speed costs no accuracy."""
+    from edgecl.models.data import fit_input
+    from edgecl.runtime.routers import view as V
+
+    rng = np.random.default_rng(0)
+    g, last = _conv_graph(32, 1, [1, 1, 1, 1], 1, 1, ("Relu",))
+    w = {"w": rng.standard_normal((12, 3, 3, 3)).astype(np.float32),
+         "b": rng.standard_normal(12).astype(np.float32)}
+    rt = _Rt(g, w)
+    routers = []
+    for view in (V.View("sampled", last, 4), V.View("patches", last, 4, V.SAMPLES)):
+        r = PrototypeRouter()
+        r.view = view
+        for t in digits.tasks:
+            r.add_task(rt, t.name, fit_input(t.x_train, (3, 32, 32)), t.y_train)
+        routers.append(r)
+    old, new = routers
+    np.testing.assert_allclose(new.novelty, old.novelty, rtol=1e-4)
+    x = np.concatenate([fit_input(t.x_test, (3, 32, 32)) for t in digits.tasks]).astype(np.float32)
+    a, b = old.decide(rt, x), new.decide(rt, x)
+    assert (a.best == b.best).mean() >= 0.995 and (a.task == b.task).mean() >= 0.99
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-3, atol=1e-2)

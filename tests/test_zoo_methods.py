@@ -108,7 +108,7 @@ def test_router_on_a_zoo_image_model_looks_at_backbone_features(tmp_path):
     train(small_digits(tmp_path), "supsup", run_dir, graph=graph, hparams={"epochs": 2}, log=lambda s: None)
     bundle_run(run_dir, bundle)
     s = Session(bundle, providers=["numpy"])
-    assert load_router(s.bundle).view.kind == "sampled"
+    assert load_router(s.bundle).view.kind == "patches"
     stream = load_spec(load_run(run_dir).config["stream"])
     hits = [np.mean([t == task.name for t in s.run(task.x_test).task_names]) for task in stream.tasks]
     assert min(hits) >= 0.8, hits

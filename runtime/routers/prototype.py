@@ -43,6 +43,7 @@ class PrototypeRouter(Router):
         self._fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._route = None  # kernels.prepare_route_prototype of _fused (decide's one call)
         self.view: view.View | None = None  # what it looks at (chosen on the first task)
+        self._view_fn: tuple = (None, None, None)  # (runtime, view, view.prepare's function)
 
     def _flat(self, runtime, x: np.ndarray) -> np.ndarray:
         if self.view is None:
@@ -115,7 +116,12 @@ class PrototypeRouter(Router):
         if type(x) is not np.ndarray or x.dtype != np.float32:
             return super().decide(runtime, x, threshold, fallback)
         if self.view is not None and self.view.kind != "input":
-            x = np.ascontiguousarray(view.compute(self.view, runtime, x), dtype=np.float32)
+            rt, v, fn = self._view_fn
+            if rt is not runtime or v is not self.view:  # once per runtime: the hot path is fn(x)
+                fn = view.prepare(self.view, runtime)
+                self._view_fn = (runtime, self.view, fn)
+            x = fn(x) if fn is not None else \
+                np.ascontiguousarray(view.compute(self.view, runtime, x), dtype=np.float32)
         if x.ndim != 2:
             x = x.reshape(len(x), route.d)
         best, conf, unknown, s = route(x if x.flags.c_contiguous else np.ascontiguousarray(x),

@@ -1,59 +1,115 @@
-"""What a router looks at: the raw input when it is small, else early backbone features.
+"""What a router looks at: a small, fixed function of the input, cheap next to an inference.
 
 A router's statistics must stay valid forever, while tasks come and go, so its view of
 an input is computed with parameters that never change: the bundle's *first* task's
-(exact zero forgetting keeps them byte-identical). For an input of at most
-``RAW_LIMIT`` float values (an 8x8 digit, a 49x10 MFCC) the view is the input itself:
-nothing is cheaper. Above that (a 96x96 or 224x224 RGB image, where a pixel-space
-covariance would need up to ~180 GB) the view is the output of the backbone's first
-weighted layer (a Conv) and the element-wise ops after it, evaluated exactly at
-``SAMPLES`` x ``SAMPLES`` evenly spaced output positions and average-pooled to a small
-grid: early backbone features for a few hundred multiply-adds per channel, so routing
-stays a small share of an inference (run by the numpy reference, it cannot ride on the
-compiled forward). Token inputs (int64) use the first task's embedding of each token
-(its first Gather), averaged over the sequence.
+(exact zero forgetting keeps them byte-identical). The router's cost per input is the
+view plus a ``d x (d + prototypes)`` product (see ``prototype.py``), so ``d`` is kept
+near ``VIEW_DIMS``: that keeps routing a small share of a batch-1 inference.
+
+* ``input``: the input itself, for at most ``VIEW_DIMS`` float values (an 8x8 digit).
+* ``pooled``: up to ``RAW_LIMIT`` float values (a 49x10 MFCC, a 640-value feature
+  vector): the input summed over a grid of cells (``cells``: cells per axis; a leading
+  channel axis of a 3-D input is kept), so the view has at most ``VIEW_DIMS`` values.
+* ``patches``: larger images (a 96x96 or 224x224 RGB image, where a pixel-space
+  covariance would need up to ~180 GB): the backbone's first weighted layer (a Conv)
+  and the element-wise ops after it, evaluated exactly at ``samples`` x ``samples``
+  evenly spaced output positions (one gather of the patches under them, one product
+  with the weights) and summed over a ``grid`` x ``grid`` grid of cells: early backbone
+  features, ``channels * grid**2 <= PATCH_DIMS`` values. At the old view's positions and
+  grid it is the old view times a constant plus a constant: the same decisions.
+* ``tokens``: token inputs (int64): the first task's embedding of each token (its first
+  Gather), averaged over the sequence.
+* ``features`` / ``prefix``: the backbone's features, or a value of it, when none of
+  the above applies.
+
+Routers stored with the views of earlier versions keep them and decide exactly as
+before: ``input`` for every input of at most ``RAW_LIMIT`` values, and ``sampled`` (the
+first layer at ``SAMPLES`` x ``SAMPLES`` positions, mean-pooled to at most
+``MAX_VIEW`` values, computed as it was).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..graph import Graph
 
-RAW_LIMIT = 1024
-MAX_VIEW = 512  # values of a pooled view
-SAMPLES = 8  # output positions per side where the first layer is evaluated
+RAW_LIMIT = 1024  # float inputs up to this many values: a view of the input itself
+VIEW_DIMS = 160  # values of a pooled input: the routing product is ~d², ~5 us at this size
+PATCH_DIMS = 256  # values of a patches view (an image model's inference is 200+ us)
+MAX_VIEW = 512  # values of an old "sampled" view (kept: old routers compute it as before)
+SAMPLES = 8  # output positions per side where an old "sampled" view evaluates the first layer
+PATCH_SAMPLES = 8  # the same for a "patches" view
 # ops that act element-wise after the first layer (its activation, a ReLU6, ...)
 _POINTWISE = {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Gelu", "BatchNormalization"}
 
 
 @dataclass(frozen=True)
 class View:
-    kind: str  # "input" | "prefix" | "features"
+    kind: str  # "input" | "pooled" | "patches" | "tokens" | "prefix" | "features" | "sampled" (old)
     value: str = ""
     grid: int = 0
+    samples: int = 0  # "patches": output positions per side
+    cells: tuple[int, ...] = ()  # "pooled": cells per input axis
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "value": self.value, "grid": self.grid})
+        d: dict = {"kind": self.kind, "value": self.value, "grid": self.grid}
+        if self.samples:  # only new views carry these: old ones are stored byte-identically
+            d["samples"] = self.samples
+        if self.cells:
+            d["cells"] = list(self.cells)
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str | None) -> View:
         if not text:
             return cls("input")  # routers stored before views existed looked at the input
         d = json.loads(text)
-        return cls(d["kind"], d.get("value", ""), int(d.get("grid", 0)))
+        return cls(d["kind"], d.get("value", ""), int(d.get("grid", 0)), int(d.get("samples", 0)),
+                   tuple(int(c) for c in d.get("cells", ())))
+
+
+def _cells(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Cells per axis of a pooled view of an input ``shape`` (a leading channel axis of a
+    3-D input kept whole): at most VIEW_DIMS values with the coarsest axis as fine as it
+    can be (the most cells on the axis with the fewest), then the most values. Cells that
+    divide their axes evenly are preferred (pooling is then one reshape and one sum)
+    unless that loses more than half the resolution of the coarsest axis."""
+    keep = shape[:1] if len(shape) == 3 else ()
+    axes = shape[len(keep):]
+    budget = VIEW_DIMS // math.prod(keep)
+    if budget < 1:
+        return None
+    best = even = None
+    for g in np.ndindex(*(min(n, budget) for n in axes)):
+        grid = tuple(int(i) + 1 for i in g)
+        if math.prod(grid) > budget:
+            continue
+        key = (min(grid), math.prod(grid), grid)
+        best = max(best or key, key)
+        if all(n % c == 0 for n, c in zip(axes, grid, strict=True)):
+            even = max(even or key, key)
+    pick = even if even is not None and 2 * even[0] >= best[0] else best
+    return keep + pick[2]
 
 
 def choose(graph: Graph) -> View:
+    """The view a new router of ``graph`` looks at (see the module docstring)."""
     if graph.input.dtype != "float32":
         first = next((n for n in graph.backbone_nodes if n.op == "Gather"), None)
         return View("tokens", first.outputs[0]) if first else View("features", graph.features)
-    if math.prod(graph.input_shape) <= RAW_LIMIT:
+    size = math.prod(graph.input_shape)
+    if size <= VIEW_DIMS:
         return View("input")
+    if size <= RAW_LIMIT:
+        cells = _cells(tuple(graph.input_shape))
+        return View("pooled", cells=cells) if cells else View("input")
     nodes = graph.backbone_nodes
     sites = {s.node for s in graph.mask_sites()}
     first = next((i for i, n in enumerate(nodes) if n.name in sites), None)
@@ -68,12 +124,136 @@ def choose(graph: Graph) -> View:
     if len(shape) != 4:
         small = math.prod(shape[1:]) <= MAX_VIEW
         return View("prefix", value, 0) if small else View("features", graph.features)
+    # the finest grid within PATCH_DIMS values; at least PATCH_SAMPLES positions per side,
+    # whole cells of them
+    grid = max(1, min(math.isqrt(PATCH_DIMS // shape[1]), PATCH_SAMPLES))
+    samples = grid * -(-PATCH_SAMPLES // grid)
+    conv = nodes[first]
+    if conv.op == "Conv" and min(shape[2], shape[3]) > samples and len(graph.input_shape) == 3 \
+            and conv.inputs[0] == graph.input.name:
+        return View("patches", value, grid, samples)
     grid = max(1, min(shape[2], shape[3], SAMPLES, int(math.sqrt(MAX_VIEW / shape[1]))))
-    if nodes[first].op == "Conv" and min(shape[2], shape[3]) > SAMPLES:
-        while SAMPLES % grid:  # cells of whole samples: pooling is one reshape
-            grid -= 1
-        return View("sampled", value, grid)
     return View("prefix", value, grid)
+
+
+def _bounds(n: int, cells: int) -> np.ndarray:
+    return np.array([round(i * n / cells) for i in range(cells + 1)])
+
+
+def _pooled_fn(shape: tuple[int, ...], cells: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    """x [n, *shape] -> [n, prod(cells)] float32: the sum of each cell (sums, not means:
+    the Mahalanobis distance does not see a scale, and a division would cost a call)."""
+    d, add = math.prod(cells), np.add
+    pooled = [(i, c) for i, (n, c) in enumerate(zip(shape, cells, strict=True)) if c != n]
+    if len(pooled) == 1 and all(n % c == 0 for n, c in zip(shape, cells, strict=True)):
+        # one axis pooled evenly: one product with ones over a reshape, the cheapest call
+        # (ds-cnn's 49x10 -> 7x10: 1.6 us, add.reduce 2.4 us)
+        i, c = pooled[0]
+        outer, k, inner = math.prod(shape[:i]) * c, shape[i] // c, math.prod(shape[i + 1:])
+        ones = np.ones(k, np.float32)
+        if inner == 1:  # adjacent values of a flat input
+            return lambda x: (x.reshape(len(x) * outer, k) @ ones).reshape(len(x), d)
+        row = ones[None]
+        return lambda x: (row @ x.reshape(len(x) * outer, k, inner)).reshape(len(x), d)
+    starts = [_bounds(n, c)[:-1] for n, c in zip(shape, cells, strict=True)]
+
+    def pooled_fn(x: np.ndarray) -> np.ndarray:  # reduceat per pooled axis (uneven cells too)
+        y = x.reshape(len(x), *shape)
+        for i, _ in pooled:
+            y = add.reduceat(y, starts[i], axis=i + 1)
+        return y.reshape(len(x), d)
+    return pooled_fn
+
+
+def _patches_fn(graph: Graph, params, view: View, x_shape: tuple[int, ...]
+                ) -> Callable[[np.ndarray], np.ndarray]:
+    """The first Conv and the element-wise ops after it at ``view.samples``² evenly
+    spaced output positions (those of the old "sampled" view), summed over a
+    ``view.grid``² grid of cells: x [n, *x_shape] -> [n, d] float32 in (cell, channel)
+    order. The patches are one gather (times a 0/1 mask where they reach into the
+    padding), the layer one product with the weights. Before a ReLU or Clip the bias
+    moves into the bounds (relu(y + b) = max(y, -b) + b): the view is then the layer's
+    output less a constant, which no Mahalanobis distance sees, for a call fewer."""
+    from ..ops import get_op
+
+    nodes = graph.backbone_nodes
+    start = next(i for i, n in enumerate(nodes) if n.op == "Conv")
+    end = next(i for i, n in enumerate(nodes) if view.value in n.outputs)
+    conv, a, s = nodes[start], nodes[start].attrs, view.samples
+    w = np.asarray(params[conv.inputs[1]], np.float32)
+    o, cg, kh, kw = w.shape
+    c, h, wd = x_shape
+    size = c * h * wd
+    out_h, out_w = graph.shapes()[conv.outputs[0]][2:]
+    ri = (np.linspace(0, out_h - 1, s).round().astype(int)[:, None] * a["strides"][0]
+          + np.arange(kh) * a["dilations"][0] - a["pads"][0])
+    ci = (np.linspace(0, out_w - 1, s).round().astype(int)[:, None] * a["strides"][1]
+          + np.arange(kw) * a["dilations"][1] - a["pads"][1])
+    r, q = ri[:, None, None, :, None], ci[None, :, None, None, :]  # [s, s, c, kh, kw]
+    inside = np.broadcast_to((r >= 0) & (r < h) & (q >= 0) & (q < wd), (s, s, c, kh, kw)).reshape(s * s, -1)
+    idx = (np.arange(c)[None, None, :, None, None] * h * wd + np.clip(r, 0, h - 1) * wd
+           + np.clip(q, 0, wd - 1)).reshape(s * s, -1)
+    mask = None if inside.all() else inside.astype(np.float32)
+    g = a.get("group", 1)
+    full = np.zeros((c, kh, kw, o), np.float32)  # a grouped conv as a block-diagonal one
+    for i in range(g):
+        og = o // g
+        full[i * cg:(i + 1) * cg, :, :, i * og:(i + 1) * og] = w[i * og:(i + 1) * og].transpose(1, 2, 3, 0)
+    weights = np.ascontiguousarray(full.reshape(-1, o))
+    bias = np.asarray(params[conv.inputs[2]] if len(conv.inputs) > 2 else np.zeros(o), np.float32)
+    rb = _bounds(s, view.grid)
+    cell = np.zeros((view.grid, view.grid, s, s), np.float32)
+    for i in range(view.grid):
+        for j in range(view.grid):
+            cell[i, j, rb[i]:rb[i + 1], rb[j]:rb[j + 1]] = 1.0
+    cell = cell.reshape(view.grid ** 2, s * s)
+    after = nodes[start + 1:end + 1]
+    steps: list[Callable[[np.ndarray], np.ndarray]] = []
+    if len(after) == 1 and after[0].op == "Relu":
+        steps.append(lambda y, lo=-bias: np.maximum(y, lo, out=y))
+    elif len(after) == 1 and after[0].op == "Clip":
+        lo, hi = np.float32(after[0].attrs["min"]) - bias, np.float32(after[0].attrs["max"]) - bias
+        steps.append(lambda y, lo=lo, hi=hi: np.clip(y, lo, hi, out=y))
+    else:
+        steps.append(lambda y: np.add(y, bias, out=y))
+        for node in after:  # the op itself, on [n, o, s, s] (BatchNormalization is per channel)
+            op, args = get_op(node.op), [params.get(i) for i in node.inputs]
+
+            def step(y, op=op, args=args, node=node):
+                z = y.reshape(len(y), s, s, o).transpose(0, 3, 1, 2)
+                z = op.forward([z, *args[1:]], node.attrs)[0]
+                return np.ascontiguousarray(z.transpose(0, 2, 3, 1), np.float32).reshape(len(y), s * s, o)
+            steps.append(step)
+    d = view.grid ** 2 * o
+
+    def patches(x: np.ndarray) -> np.ndarray:
+        p = x.reshape(len(x), size).take(idx, axis=1)  # [n, s*s, c*kh*kw]
+        if mask is not None:
+            p *= mask
+        y = p @ weights  # [n, s*s, o]
+        for f in steps:
+            y = f(y)
+        return (cell @ y).reshape(len(x), d)
+    return patches
+
+
+_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare(view: View, runtime) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A function x [n, *input] -> [n, d] float32 computing a ``pooled`` or ``patches``
+    view for ``runtime`` (built once: gather indices, weights, cells); None for other kinds."""
+    if view.kind not in ("pooled", "patches"):
+        return None
+    fns = _FNS.setdefault(runtime, {})
+    if view not in fns:
+        shape = tuple(runtime.input_shape)
+        if view.kind == "pooled":
+            fns[view] = _pooled_fn(shape, view.cells)
+        else:
+            params = runtime.activate(runtime.bundle.tasks[0]["name"]).params
+            fns[view] = _patches_fn(runtime.bundle.graph, params, view, shape)
+    return fns[view]
 
 
 def _pool(a: np.ndarray, grid: int) -> np.ndarray:
@@ -157,6 +337,9 @@ def compute(view: View, runtime, x: np.ndarray) -> np.ndarray:
     """[batch, d] view of a checked batch ``x``."""
     if view.kind == "input":
         return x.reshape(len(x), -1)
+    fn = prepare(view, runtime)
+    if fn is not None:
+        return fn(x)
     from .. import executor
 
     graph = runtime.bundle.graph
