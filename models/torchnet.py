@@ -5,7 +5,7 @@ Each node runs through its op's ``torch`` definition in the registry; no op swit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -15,12 +15,66 @@ from edgecl.runtime.ops import get_op
 Params = Mapping[str, torch.Tensor]
 
 
-def features(graph: Graph, params: Params, x: torch.Tensor,
-             gates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Backbone features. ``params`` maps every parameter name to a tensor;
-    ``gates[node]`` (HAT) scales that node's output units."""
-    values: dict[str, torch.Tensor] = {graph.input.name: x}
+class Prefix:
+    """What a frozen prefix of the graph computes for a whole training set, computed once:
+    the values the nodes after it read (``frontier``), per input. A training loop indexes
+    it like its input batch and :func:`features` runs only the ``live`` nodes on it, so
+    the frozen part (e.g. the first layers of a pretrained transformer under LoRA on its
+    last ones) runs once per input, not once per epoch."""
+
+    def __init__(self, values: dict[str, torch.Tensor], live: frozenset[str]) -> None:
+        self.values, self.live = values, live
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    def __getitem__(self, idx) -> Prefix:
+        return Prefix({k: v[idx] for k, v in self.values.items()}, self.live)
+
+
+def live_nodes(graph: Graph, trainable: Collection[str]) -> frozenset[str]:
+    """Backbone nodes whose outputs depend on a parameter in ``trainable``."""
+    live, values = set(), set()
     for n in graph.backbone_nodes:
+        if any(i in trainable or i in values for i in n.inputs):
+            live.add(n.name)
+            values.update(n.outputs)
+    return frozenset(live)
+
+
+def frozen_prefix(graph: Graph, params: Params, x: torch.Tensor, trainable: Collection[str], *,
+                  chunk: int = 256, max_bytes: int = 256 << 20) -> Prefix | None:
+    """``x`` through every node that no parameter in ``trainable`` reaches, in chunks, or
+    None where that saves nothing (the first node trains) or would hold more than
+    ``max_bytes``."""
+    live = live_nodes(graph, trainable)
+    nodes = graph.backbone_nodes
+    if len(live) == len(nodes):
+        return None
+    made_live = {o for n in nodes if n.name in live for o in n.outputs}
+    frontier = [graph.features] if graph.features not in made_live else []
+    for n in nodes:
+        if n.name in live:
+            frontier += [i for i in n.inputs if i not in params and i not in made_live and i not in frontier]
+    if frontier == [graph.input.name]:
+        return None
+    parts: dict[str, list[torch.Tensor]] = {v: [] for v in frontier}
+    frozen = [n for n in nodes if n.name not in live]
+    held = 0
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            values = _run(graph, frozen, params, {graph.input.name: x[i:i + chunk]})
+            for v in frontier:
+                parts[v].append(values[v])
+                held += values[v].numel() * values[v].element_size()
+            if held > max_bytes:
+                return None
+    return Prefix({v: torch.cat(t) for v, t in parts.items()}, live)
+
+
+def _run(graph: Graph, nodes, params: Params, values: dict[str, torch.Tensor],
+         gates: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    for n in nodes:
         op = get_op(n.op)
         ys = op.torch([values[i] if i in values else params[i] for i in n.inputs], n.attrs)
         if gates is not None and n.name in gates:
@@ -29,7 +83,18 @@ def features(graph: Graph, params: Params, x: torch.Tensor,
             shape[axis] = -1
             ys = [ys[0] * gates[n.name].view(shape)]
         values.update(zip(n.outputs, ys, strict=True))
-    return values[graph.features]
+    return values
+
+
+def features(graph: Graph, params: Params, x: torch.Tensor | Prefix,
+             gates: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Backbone features. ``params`` maps every parameter name to a tensor;
+    ``gates[node]`` (HAT) scales that node's output units. ``x`` is an input batch or a
+    batch of a :class:`Prefix` (then only the nodes after the prefix run)."""
+    if isinstance(x, Prefix):
+        return _run(graph, [n for n in graph.backbone_nodes if n.name in x.live], params, dict(x.values),
+                    gates)[graph.features]
+    return _run(graph, graph.backbone_nodes, params, {graph.input.name: x}, gates)[graph.features]
 
 
 def init_backbone(graph: Graph, gen: torch.Generator, *,

@@ -11,7 +11,7 @@ the parameters earlier tasks own are written back, so this holds bit for bit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import ClassVar
 
 import numpy as np
@@ -23,7 +23,7 @@ from edgecl.runtime.kinds import get_kind
 from edgecl.runtime.kinds.selection import UnitGates, WeightBits
 
 from ..data import Task
-from ..torchnet import Params, features, init_backbone, init_head
+from ..torchnet import Params, features, frozen_prefix, init_backbone, init_head
 
 MASK_BITS = WeightBits.name
 MASK_UNITS = UnitGates.name
@@ -181,9 +181,18 @@ class Method(ABC):
             self.params = saved
 
     def epochs(self, task: Task, gen: torch.Generator, n_epochs: int,
-               step: Callable[[torch.Tensor, torch.Tensor, float], None]) -> None:
-        """Shuffled mini-batches; ``step(x, y, progress)`` with progress in [0, 1] per epoch."""
+               step: Callable[[torch.Tensor, torch.Tensor, float], None],
+               trainable: Collection[str] | None = None) -> None:
+        """Shuffled mini-batches; ``step(x, y, progress)`` with progress in [0, 1] per epoch.
+
+        ``trainable``: the only backbone parameters ``step`` changes or overrides (None:
+        any). The nodes none of them reaches then run once over the training set, not once
+        per epoch: ``x`` is a :class:`~edgecl.models.torchnet.Prefix` batch, which
+        ``run_features`` takes like an input batch."""
         x, y = self._x(task.x_train), torch.from_numpy(task.y_train)
+        pre = None if trainable is None else frozen_prefix(self.graph, self.params, x, trainable)
+        if pre is not None:
+            x = pre
         bs = int(self.hp["batch_size"])
         n_batches = max(1, -(-len(x) // bs))
         for _ in range(int(n_epochs)):

@@ -114,7 +114,8 @@ class LoRA(Method):
             loss.backward()
             opt.step()
 
-        self.epochs(task, gen, self.hp["epochs"], step)
+        # only the chosen sites change: the layers before the first run once per input
+        self.epochs(task, gen, self.hp["epochs"], step, trainable={s.weight for s in self.chosen})
         self.pairs[t] = {n: (a.detach(), b.detach()) for n, (a, b) in pairs.items()}
         self.heads[t] = (hw.detach(), hb.detach())
 
