@@ -85,7 +85,7 @@ def test_deploy_device_tests_and_results_back(emulator, bundle_copy, tmp_path):
     assert "digits-0-1" in out
 
     # 4. device tests on the device; results come back
-    rep = device_test(emulator.url, emulator.identity, known_hosts=kw["known_hosts"], bench_iters=200,
+    rep = device_test(emulator.url, emulator.identity, known_hosts=kw["known_hosts"], bench_iters=40,
                       log=lambda _msg: None)
     (tmp_path / "device-test.json").write_text(json.dumps(rep, indent=1))
     tests = {k: v for k, v in rep["tests"].items() if "#" not in k}
