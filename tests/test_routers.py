@@ -275,6 +275,43 @@ def test_patches_view_is_the_first_layer_exactly(after):
         np.testing.assert_allclose(V.compute(view, _Rt(g, w), x[:1]), got[:1], atol=2e-5)
 
 
+def test_patches_view_through_an_input_normalization():
+    """(x - mean) * inv_std per channel before the first Conv (EfficientNet-Lite0's stem):
+    still a patches view (not the whole first layer), the layer's values less a constant;
+    a constant that varies along a spatial axis is no per-channel normalization: no
+    patches view."""
+    from edgecl.runtime import executor
+    from edgecl.runtime.graph import Graph, Node, Param
+    from edgecl.runtime.routers import view as V
+
+    rng = np.random.default_rng(1)
+    base, last = _conv_graph(64, 2, [0, 0, 1, 1], 1, 1, ("Relu",))
+    conv = base.nodes[0]
+    pre = [Node("sub", "Sub", ("x", "mean"), ("sub",)), Node("mul", "Mul", ("sub", "inv_std"), ("mul",))]
+    stem = Node(conv.name, "Conv", ("mul", *conv.inputs[1:]), conv.outputs, conv.attrs)
+    nodes = [*pre, stem, *base.nodes[1:]]
+    for mean_shape, ok in [((3, 1, 1), True), ((1, 3, 1, 1), True), ((1,), True), ((1, 1, 64), False)]:
+        params = [*base.params.values(), Param("mean", mean_shape, "const"),
+                  Param("inv_std", (1, 3, 1, 1), "const")]
+        g = Graph(list(base.inputs), params, nodes, "f")
+        view = V.choose(g)
+        assert (view.kind == "patches") == ok, (mean_shape, view)
+        if not ok:
+            continue
+        w = {"w": rng.standard_normal((12, 3, 3, 3)).astype(np.float32),
+             "b": rng.standard_normal(12).astype(np.float32),
+             "mean": rng.uniform(0, 1, mean_shape).astype(np.float32),
+             "inv_std": rng.uniform(2, 5, (1, 3, 1, 1)).astype(np.float32)}
+        x = rng.uniform(0, 1, (4, 3, 64, 64)).astype(np.float32)
+        got = V.compute(view, _Rt(g, w), x)
+        full = executor.value(g, w, x, last)
+        s, k = view.samples, view.samples // view.grid
+        pos = [np.linspace(0, n - 1, s).round().astype(int) for n in full.shape[2:]]
+        sub = full[:, :, pos[0]][:, :, :, pos[1]]
+        want = sub.reshape(4, 12, view.grid, k, view.grid, k).sum(axis=(3, 5)).transpose(0, 2, 3, 1)
+        diff = got - want.reshape(4, -1)
+        np.testing.assert_allclose(diff, np.broadcast_to(diff[:1], diff.shape), atol=1e-4)
+
 def test_pooled_view_of_a_mid_size_input():
     """Inputs of VIEW_DIMS..RAW_LIMIT values (a 49x10 MFCC, 640 audio features) are summed
     over cells to at most VIEW_DIMS values (the routing product ~d², not 490² or 640²);

@@ -130,7 +130,7 @@ def choose(graph: Graph) -> View:
     samples = grid * -(-PATCH_SAMPLES // grid)
     conv = nodes[first]
     if conv.op == "Conv" and min(shape[2], shape[3]) > samples and len(graph.input_shape) == 3 \
-            and conv.inputs[0] == graph.input.name:
+            and _affine_before(graph, first) is not None:
         return View("patches", value, grid, samples)
     grid = max(1, min(shape[2], shape[3], SAMPLES, int(math.sqrt(MAX_VIEW / shape[1]))))
     return View("prefix", value, grid)
@@ -163,6 +163,44 @@ def _pooled_fn(shape: tuple[int, ...], cells: tuple[int, ...]) -> Callable[[np.n
             y = add.reduceat(y, starts[i], axis=i + 1)
         return y.reshape(len(x), d)
     return pooled_fn
+
+
+_AFFINE = {"Add", "Sub", "Mul", "Div"}
+
+
+def _affine_before(graph: Graph, first: int, params=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The nodes before the first Conv, when they only scale and shift each input channel
+    by constants (an input normalization, ``(x - mean) * inv_std``): per channel ``(a, b)``
+    with the Conv's input ``a * x + b`` (ones and zeros when the Conv reads the input
+    itself; without ``params``, only whether they are such). None otherwise."""
+    nodes = graph.backbone_nodes
+    c = graph.input_shape[0]
+    a, b = np.ones(c, np.float64), np.zeros(c, np.float64)
+    cur = graph.input.name
+    for n in nodes[:first]:
+        if n.op not in _AFFINE or len(n.inputs) != 2 or cur not in n.inputs:
+            return None
+        (k,) = [i for i in n.inputs if i != cur] or [None]
+        if k not in graph.params:
+            return None
+        full = (1,) * (4 - len(graph.params[k].shape)) + tuple(graph.params[k].shape)  # vs [n, C, H, W]
+        if len(full) != 4 or full[0] != 1 or full[2:] != (1, 1) or full[1] not in (1, c):
+            return None  # a constant that varies along anything but the channel axis
+        v = np.ones(c) if params is None else \
+            np.broadcast_to(np.asarray(params[k], np.float64).reshape(-1), (c,))
+        x_first = n.inputs[0] == cur
+        if n.op == "Add":
+            b = b + v
+        elif n.op == "Sub":
+            a, b = (a, b - v) if x_first else (-a, v - b)
+        elif n.op == "Mul":
+            a, b = a * v, b * v
+        elif x_first:  # Div by a constant
+            a, b = a / v, b / v
+        else:
+            return None
+        cur = n.outputs[0]
+    return (a, b) if nodes[first].inputs[0] == cur else None
 
 
 def _patches_fn(graph: Graph, params, view: View, x_shape: tuple[int, ...]
@@ -199,8 +237,16 @@ def _patches_fn(graph: Graph, params, view: View, x_shape: tuple[int, ...]
     for i in range(g):
         og = o // g
         full[i * cg:(i + 1) * cg, :, :, i * og:(i + 1) * og] = w[i * og:(i + 1) * og].transpose(1, 2, 3, 0)
-    weights = np.ascontiguousarray(full.reshape(-1, o))
+    # an input normalization before the Conv, a * x + b per channel: a into the weights;
+    # b, zero where a patch reaches into the padding, a constant per position into the bias
+    scale, shift = _affine_before(graph, start, params)
+    inner = np.repeat(np.arange(c), kh * kw)  # the input channel of each weight row
     bias = np.asarray(params[conv.inputs[2]] if len(conv.inputs) > 2 else np.zeros(o), np.float32)
+    rows = full.reshape(-1, o)
+    if shift.any():
+        on = inside if mask is not None else np.ones((s * s, rows.shape[0]), bool)
+        bias = (bias + (on * shift[inner]) @ rows.astype(np.float64)).astype(np.float32)  # [s*s, o]
+    weights = np.ascontiguousarray(rows * scale[inner, None].astype(np.float32))
     rb = _bounds(s, view.grid)
     cell = np.zeros((view.grid, view.grid, s, s), np.float32)
     for i in range(view.grid):
