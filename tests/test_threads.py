@@ -105,9 +105,9 @@ def test_learner_child_inherits_the_count(clean_env):
     from edgecl.runtime.learn import learner
 
     with threads.configured(2):
-        env = learner._child_env()
+        env = learner.child_env()
     assert {env[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")} == {"2"}
-    assert learner._child_env()["OMP_NUM_THREADS"] == "1"  # the learner's own default, unconfigured
+    assert learner.child_env()["OMP_NUM_THREADS"] == "1"  # the learner's own default, unconfigured
 
 
 def test_threads_module_is_device_safe(tmp_path):

@@ -445,7 +445,12 @@ def _onnx_forward(graph, weights: dict, classes: int, path: Path) -> None:
 
 
 def _zoo_child(python: str, code: str, cfg_path: Path, threads: int, timeout: int = 1800) -> dict:
-    env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS})
+    from edgecl.runtime.learn.learner import child_env
+
+    # every variant in the environment the device learner's child runs in (its glibc malloc
+    # settings: activations allocated afresh each step would otherwise fault their pages in
+    # again, half of a DS-CNN step), so the variants differ by their code only
+    env = dict(child_env(), **{v: str(threads) for v in THREAD_VARS})
     r = subprocess.run([python, "-c", code, str(cfg_path)], capture_output=True, text=True, env=env,
                        timeout=timeout, cwd=str(cfg_path.parent))
     for line in r.stdout.splitlines():

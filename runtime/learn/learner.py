@@ -68,7 +68,8 @@ class ForgettingError(LearnError):
     """An old task's outputs would change: the commit is refused."""
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
+    """The environment the learner child runs in (also the bench's device variant)."""
     env = dict(os.environ)
     # One glibc arena: each extra one reserves 64 MiB of address space, and a thread the
     # probe did not start (a library's helper) would make one past the child's RLIMIT_AS.
@@ -93,7 +94,7 @@ def probe_child(tvm_step: Bundle | None = None) -> dict:
     cmd = [sys.executable, "-m", "edgecl.runtime.learn.child", "--probe"]
     if tvm_step is not None:
         cmd += ["--tvm-step", str(Path(tvm_step.root).resolve()), str(tvm_step.version)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120)
     if r.returncode != 0:
         raise LearnError(f"cannot start the learning child: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -322,7 +323,7 @@ def learn(bundle_dir: str | Path, task: str, samples_npz: str | Path, method: st
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
         proc = subprocess.run([sys.executable, "-m", "edgecl.runtime.learn.child", str(job_dir)],
-                              preexec_fn=limit_as, env=_child_env(),
+                              preexec_fn=limit_as, env=child_env(),
                               stdout=subprocess.DEVNULL if quiet else None,
                               stderr=subprocess.PIPE if quiet else None, text=True)
         try:
