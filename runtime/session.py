@@ -12,6 +12,7 @@ recently used first out.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
@@ -90,6 +91,7 @@ class Runtime:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, version=version)
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, ActiveTask] = OrderedDict()
+        self._ones: dict[int, np.ndarray] = {}  # check_input's ones, by batch size in values
 
     @property
     def tasks(self) -> list[str]:
@@ -126,9 +128,15 @@ class Runtime:
         """A float32 batch of the model's input shape, or a clear ``InputError``."""
         if type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self._shape \
                 and self._float_input and x.flags.c_contiguous:
-            # the common case, in a few hundred ns: one reduction finds any NaN or inf (a
-            # finite batch whose sum overflows takes the row-by-row check below, and passes)
-            if np.isfinite(np.add.reduce(x, axis=None)):
+            # the common case: one dot product with ones (the sum, by BLAS) finds any NaN or
+            # inf: 0.5 us for 640 values, a third of np.add.reduce plus np.isfinite; a finite
+            # batch whose sum overflows takes the row-by-row check below, and passes
+            ones = self._ones.get(x.size)
+            if ones is None:
+                if len(self._ones) >= 8:  # a few batch sizes in use, not every one ever seen
+                    self._ones.clear()
+                ones = self._ones[x.size] = np.ones(x.size, np.float32)
+            if math.isfinite(x.reshape(-1).dot(ones)):
                 return x
         try:
             x = np.asarray(x)

@@ -109,3 +109,23 @@ def test_unit_gates_must_be_zero_or_one(trained, tmp_path):
         commit(bundle, model=Bundle.open(trained("hat")[1]).model, backbone=run.method.export_backbone(),
                tasks=[(task_entry(run, 0), tensors)], stream=run.config["stream"])
     assert not (bundle / "manifest.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_the_input_check_finds_nan_and_inf_anywhere_and_passes_huge_finite_values(trained, digits):
+    """The fast path (the batch's sum as one dot product with ones) and the row-by-row check
+    behind it: a NaN or an inf in any row is refused with the row named; finite values whose
+    sum overflows float32 still pass."""
+    from edgecl.runtime.errors import InputError
+
+    rt = Runtime(trained("supsup")[1])
+    x = np.ascontiguousarray(digits.tasks[0].x_test[:6].reshape(6, -1), np.float32)
+    assert rt.check_input(x) is x  # the common case: the caller's array, no copy
+    for bad, row in [(np.nan, 0), (np.inf, 3), (-np.inf, 5)]:
+        y = x.copy()
+        y[row, 17] = bad
+        with pytest.raises(InputError, match=rf"NaN or infinite values in rows \[{row}\]"):
+            rt.check_input(y)
+    huge = x.copy()
+    huge[2, 5:7] = 3e38  # finite; their sum is inf in float32
+    assert rt.check_input(huge) is huge
