@@ -17,59 +17,44 @@ Params = Mapping[str, torch.Tensor]
 
 class Prefix:
     """What a frozen prefix of the graph computes for a whole training set, computed once:
-    the values the nodes after it read (``frontier``), per input. A training loop indexes
-    it like its input batch and :func:`features` runs only the ``live`` nodes on it, so
-    the frozen part (e.g. the first layers of a pretrained transformer under LoRA on its
-    last ones) runs once per input, not once per epoch."""
+    the values the trained part starts from (``Cut.starts`` of
+    ``edgecl.runtime.learn.train_numpy.cut``, the device learner's prefix cache), per input.
+    A training loop indexes it like its input batch and :func:`features` runs only the
+    trained part (``nodes``) on it, so the frozen part (e.g. the first layers of a
+    pretrained transformer under LoRA on its last ones) runs once per input, not once per
+    epoch."""
 
-    def __init__(self, values: dict[str, torch.Tensor], live: frozenset[str]) -> None:
-        self.values, self.live = values, live
+    def __init__(self, values: dict[str, torch.Tensor], nodes: tuple) -> None:
+        self.values, self.nodes = values, nodes
 
     def __len__(self) -> int:
         return len(next(iter(self.values.values())))
 
     def __getitem__(self, idx) -> Prefix:
-        return Prefix({k: v[idx] for k, v in self.values.items()}, self.live)
-
-
-def live_nodes(graph: Graph, trainable: Collection[str]) -> frozenset[str]:
-    """Backbone nodes whose outputs depend on a parameter in ``trainable``."""
-    live, values = set(), set()
-    for n in graph.backbone_nodes:
-        if any(i in trainable or i in values for i in n.inputs):
-            live.add(n.name)
-            values.update(n.outputs)
-    return frozenset(live)
+        return Prefix({k: v[idx] for k, v in self.values.items()}, self.nodes)
 
 
 def frozen_prefix(graph: Graph, params: Params, x: torch.Tensor, trainable: Collection[str], *,
                   chunk: int = 256, max_bytes: int = 256 << 20) -> Prefix | None:
     """``x`` through every node that no parameter in ``trainable`` reaches, in chunks, or
-    None where that saves nothing (the first node trains) or would hold more than
-    ``max_bytes``."""
-    live = live_nodes(graph, trainable)
-    nodes = graph.backbone_nodes
-    if len(live) == len(nodes):
+    None where that saves nothing (no node before the trained part) or would hold more
+    than ``max_bytes``."""
+    from edgecl.runtime.learn.train_numpy import cut
+
+    c = cut(graph, trainable)
+    if not c.prefix:
         return None
-    made_live = {o for n in nodes if n.name in live for o in n.outputs}
-    frontier = [graph.features] if graph.features not in made_live else []
-    for n in nodes:
-        if n.name in live:
-            frontier += [i for i in n.inputs if i not in params and i not in made_live and i not in frontier]
-    if frontier == [graph.input.name]:
-        return None
-    parts: dict[str, list[torch.Tensor]] = {v: [] for v in frontier}
-    frozen = [n for n in nodes if n.name not in live]
+    parts: dict[str, list[torch.Tensor]] = {v: [] for v in c.starts}
     held = 0
     with torch.no_grad():
         for i in range(0, len(x), chunk):
-            values = _run(graph, frozen, params, {graph.input.name: x[i:i + chunk]})
-            for v in frontier:
+            values = _run(graph, c.prefix, params, {graph.input.name: x[i:i + chunk]})
+            for v in c.starts:
                 parts[v].append(values[v])
                 held += values[v].numel() * values[v].element_size()
             if held > max_bytes:
                 return None
-    return Prefix({v: torch.cat(t) for v, t in parts.items()}, live)
+    return Prefix({v: torch.cat(t) for v, t in parts.items()}, c.suffix)
 
 
 def _run(graph: Graph, nodes, params: Params, values: dict[str, torch.Tensor],
@@ -92,8 +77,7 @@ def features(graph: Graph, params: Params, x: torch.Tensor | Prefix,
     ``gates[node]`` (HAT) scales that node's output units. ``x`` is an input batch or a
     batch of a :class:`Prefix` (then only the nodes after the prefix run)."""
     if isinstance(x, Prefix):
-        return _run(graph, [n for n in graph.backbone_nodes if n.name in x.live], params, dict(x.values),
-                    gates)[graph.features]
+        return _run(graph, x.nodes, params, dict(x.values), gates)[graph.features]
     return _run(graph, graph.backbone_nodes, params, {graph.input.name: x}, gates)[graph.features]
 
 

@@ -137,7 +137,7 @@ def test_layers_before_the_chosen_sites_run_once_per_input_not_per_epoch(monkeyp
     sites = graph.mask_sites()
     x = torch.randn(70, *graph.input_shape, generator=torch.Generator().manual_seed(1))
     pre = torchnet.frozen_prefix(graph, params, x, {sites[-1].weight}, chunk=32)
-    assert pre is not None and len(pre) == 70 and 0 < len(pre.live) < len(graph.backbone_nodes)
+    assert pre is not None and len(pre) == 70 and 0 < len(pre.nodes) < len(graph.backbone_nodes)
     assert graph.input.name not in pre.values  # the first layers do not run again
     idx = torch.tensor([3, 69, 0, 41])
     with torch.no_grad():

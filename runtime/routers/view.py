@@ -203,6 +203,13 @@ def _affine_before(graph: Graph, first: int, params=None) -> tuple[np.ndarray, n
     return (a, b) if nodes[first].inputs[0] == cur else None
 
 
+def _taps(attrs: dict, axis: int, out: int, k: int, samples: int) -> np.ndarray:
+    """[samples, k] input indices (before padding is clipped) along spatial ``axis`` that a
+    Conv's ``k`` taps read at ``samples`` evenly spaced output positions of ``out``."""
+    pos = np.linspace(0, out - 1, samples).round().astype(int)[:, None]
+    return pos * attrs["strides"][axis] + np.arange(k) * attrs["dilations"][axis] - attrs["pads"][axis]
+
+
 def _patches_fn(graph: Graph, params, view: View, x_shape: tuple[int, ...]
                 ) -> Callable[[np.ndarray], np.ndarray]:
     """The first Conv and the element-wise ops after it at ``view.samples``² evenly
@@ -223,10 +230,7 @@ def _patches_fn(graph: Graph, params, view: View, x_shape: tuple[int, ...]
     c, h, wd = x_shape
     size = c * h * wd
     out_h, out_w = graph.shapes()[conv.outputs[0]][2:]
-    ri = (np.linspace(0, out_h - 1, s).round().astype(int)[:, None] * a["strides"][0]
-          + np.arange(kh) * a["dilations"][0] - a["pads"][0])
-    ci = (np.linspace(0, out_w - 1, s).round().astype(int)[:, None] * a["strides"][1]
-          + np.arange(kw) * a["dilations"][1] - a["pads"][1])
+    ri, ci = _taps(a, 0, out_h, kh, s), _taps(a, 1, out_w, kw, s)
     r, q = ri[:, None, None, :, None], ci[None, :, None, None, :]  # [s, s, c, kh, kw]
     inside = np.broadcast_to((r >= 0) & (r < h) & (q >= 0) & (q < wd), (s, s, c, kh, kw)).reshape(s * s, -1)
     idx = (np.arange(c)[None, None, :, None, None] * h * wd + np.clip(r, 0, h - 1) * wd
@@ -338,10 +342,7 @@ def _plan(graph: Graph, view: View, x_shape: tuple[int, ...]) -> _Plan:
         kh, kw = graph.params[conv.inputs[1]].shape[2:]
         h, w = x_shape[2:]
         out_h, out_w = graph.shapes()[conv.outputs[0]][2:]
-        ri = (np.linspace(0, out_h - 1, SAMPLES).round().astype(int)[:, None] * a["strides"][0]
-              + np.arange(kh)[None] * a["dilations"][0] - a["pads"][0])
-        ci = (np.linspace(0, out_w - 1, SAMPLES).round().astype(int)[:, None] * a["strides"][1]
-              + np.arange(kw)[None] * a["dilations"][1] - a["pads"][1])
+        ri, ci = _taps(a, 0, out_h, kh, SAMPLES), _taps(a, 1, out_w, kw, SAMPLES)
         vr, vc = (ri >= 0) & (ri < h), (ci >= 0) & (ci < w)
         inside = None if vr.all() and vc.all() else \
             (vr[:, :, None, None] & vc[None, None]).astype(np.float32)
