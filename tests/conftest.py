@@ -10,6 +10,10 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+from edgecl.runtime.heap import keep_freed_heap  # noqa: E402
+
+keep_freed_heap()  # the tests train: freed heap is kept for the next step (runtime/heap.py)
+
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -266,3 +266,32 @@ def test_inspect_shows_each_task_graph_and_what_it_depends_on(pnn_run, capsys):
     out = capsys.readouterr().out.splitlines()
     row = next(line for line in out if "digits-8-9" in line and "pnn" in line)
     assert row.split()[5:8] == ["pnn-columns-5", "main", "1,2,3"]
+
+
+def test_earlier_columns_run_once_per_training_input_not_per_step(monkeypatch, tmp_path):
+    """While task 2's column trains, column 1 (frozen, reached by no trained parameter) runs
+    once per 256-input chunk of the training set (a frozen prefix), not in each step; the
+    run still learns the task as the whole graph would."""
+    from edgecl.models import torchnet
+    from edgecl.models.methods.pnn import GrowingMethod
+
+    runs = {"fc1": 0}
+    real_run, real_train = torchnet._run, GrowingMethod._train_task
+
+    def counted(g, nodes, *a, **k):
+        runs["fc1"] += any(n.name == "fc1" for n in nodes)  # column 1's first layer
+        return real_run(g, nodes, *a, **k)
+
+    def train_task(self, task, gen):
+        runs["fc1"] = 0
+        real_train(self, task, gen)
+        runs.setdefault("during", []).append(runs["fc1"])
+
+    monkeypatch.setattr(torchnet, "_run", counted)
+    monkeypatch.setattr(GrowingMethod, "_train_task", train_task)
+    run = train("split-digits", "pnn", tmp_path / "run", n_tasks=2, hparams={"epochs": 3}, log=_quiet)
+    tasks = split_digits(0).tasks
+    steps = 3 * math.ceil(len(tasks[0].x_train) / 32)
+    assert runs["during"][0] >= steps  # task 1 trains column 1 itself: it runs in every step
+    assert runs["during"][1] == math.ceil(len(tasks[1].x_train) / 256)
+    assert run.acc_matrix[1][1] >= 0.9

@@ -11,7 +11,7 @@ the parameters earlier tasks own are written back, so this holds bit for bit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -182,15 +182,18 @@ class Method(ABC):
 
     def epochs(self, task: Task, gen: torch.Generator, n_epochs: int,
                step: Callable[[torch.Tensor, torch.Tensor, float], None],
-               trainable: Collection[str] | None = None) -> None:
+               trainable: Collection[str] | None = None, *, graph: Graph | None = None,
+               params: Mapping[str, torch.Tensor] | None = None) -> None:
         """Shuffled mini-batches; ``step(x, y, progress)`` with progress in [0, 1] per epoch.
 
-        ``trainable``: the only backbone parameters ``step`` changes or overrides (None:
-        any). The nodes none of them reaches then run once over the training set, not once
-        per epoch: ``x`` is a :class:`~edgecl.models.torchnet.Prefix` batch, which
+        ``trainable``: the only parameters ``step`` changes or overrides (None: any) of
+        ``graph`` (default: the backbone's) with the values ``params`` (default: the
+        backbone's). The nodes none of them reaches then run once over the training set,
+        not once per epoch: ``x`` is a :class:`~edgecl.models.torchnet.Prefix` batch, which
         ``run_features`` takes like an input batch."""
         x, y = self._x(task.x_train), torch.from_numpy(task.y_train)
-        pre = None if trainable is None else frozen_prefix(self.graph, self.params, x, trainable)
+        pre = None if trainable is None else frozen_prefix(
+            self.graph if graph is None else graph, self.params if params is None else params, x, trainable)
         if pre is not None:
             x = pre
         bs = int(self.hp["batch_size"])

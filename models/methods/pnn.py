@@ -225,13 +225,17 @@ class GrowingMethod(Method):
         hw, hb = (p.clone().requires_grad_(True) for p in self.heads[t])
         opt = torch.optim.Adam([*train.values(), hw, hb], lr=self.hp["lr"])
 
+        values = {**frozen, **train}
+
         def step(x: torch.Tensor, y: torch.Tensor, _progress: float) -> None:
-            loss = F.cross_entropy(F.linear(features(graph, {**frozen, **train}, x), hw, hb), y)
+            loss = F.cross_entropy(F.linear(features(graph, values, x), hw, hb), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
 
-        self.epochs(task, gen, self.hp["epochs"], step)
+        # what no trained part reaches (earlier columns, the frozen backbone before an
+        # adapter) runs once per training input, not once per step
+        self.epochs(task, gen, self.hp["epochs"], step, trainable=set(train), graph=graph, params=values)
         done = {n: v.detach() for n, v in train.items()}
         if first:
             self.params = {n: done[n] for n in self.params}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import heap
 from ..bundle import Bundle
 from ..bundle_write import Transaction, safe_name
 from ..errors import EdgeclError
@@ -74,12 +75,10 @@ def child_env() -> dict:
     # One glibc arena: each extra one reserves 64 MiB of address space, and a thread the
     # probe did not start (a library's helper) would make one past the child's RLIMIT_AS.
     env.setdefault("MALLOC_ARENA_MAX", "1")
-    # Arrays below 32 MiB from the heap, and up to 64 MiB of freed heap kept rather than
-    # returned to the kernel: every step allocates its activations afresh, and with glibc's
-    # defaults each one is a new mapping whose pages fault in again (about half of a
-    # DS-CNN step). The peak (RSS and address space) is the step's own either way.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
+    # Freed heap kept for the next step (edgecl.runtime.heap: with glibc's defaults each
+    # step's arrays are new mappings whose pages fault in again, about half of a DS-CNN step)
+    for var, value in heap.ENV.items():
+        env.setdefault(var, value)
     # One BLAS thread: the layers are small (threads cost more than they give, and spin
     # against other work on a busy device); also a smaller, steadier baseline address space.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
