@@ -244,3 +244,27 @@ def test_onnx_emission_of_every_op_runs_in_onnxruntime():
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,k,stride,pad", [(1, 5, 1, 2), (2, 5, 1, 2), (3, 5, 2, 2), (1, 3, 2, 1),
+                                               (4, 3, 1, 1), (1, 1, 2, 1), (2, 7, 2, 3)])
+def test_conv_in_torch_drops_only_taps_that_read_padding(size, k, stride, pad):
+    """On maps smaller than the kernel's reach (EfficientNet's 1x1 maps under 5x5 kernels)
+    the torch Conv slices away the taps that read padding only: the output, the input's
+    gradient and the weight's gradient equal an unsliced convolution's (the dropped taps'
+    gradient is zero)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(size * 100 + k)
+    x = torch.randn(2, 4, size, size + 1, generator=g, requires_grad=True)
+    w = torch.randn(4, 1, k, k, generator=g, requires_grad=True)  # depthwise
+    a = {"strides": [stride, stride], "pads": [pad, pad, pad + 1, pad], "dilations": [1, 1], "group": 4}
+    y = get_op("Conv").torch([x, w], a)[0]
+    ref = F.conv2d(F.pad(x, (pad, pad, pad, pad + 1)), w, None, stride, 0, 1, 4)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(y.shape, generator=g)
+    got, want = torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(ref, (x, w), gy)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
