@@ -513,10 +513,10 @@ if [ ! -f "$REL/.ok" ]; then
   $PY -m venv --without-pip "$REL/venv"
   PIPWHL=$(ls "$R"/wheelhouse/pip-*.whl | tail -n 1)
   echo "installing from the wheelhouse (no network)"
+  # one pip run, from its wheel, installs pip itself and the rest: each run of pip costs
+  # seconds of start-up and resolution on a slow board (and under qemu)
   "$REL/venv/bin/python" "$PIPWHL/pip" install --quiet --no-index --find-links "$R/wheelhouse" \
-      --no-compile --disable-pip-version-check "$PIPWHL"
-  "$REL/venv/bin/python" -m pip install --quiet --no-index --find-links "$R/wheelhouse" \
-      --no-compile --disable-pip-version-check %(names)s
+      --no-compile --disable-pip-version-check "$PIPWHL" %(names)s
   cp -al "$R/staging/bundle" "$REL/bundle" 2>/dev/null || cp -a "$R/staging/bundle" "$REL/bundle"
   printf '%%s\n' %(release_json)s > "$REL/release.json"
 else
