@@ -127,9 +127,10 @@ def _live_taps(size: int, k: int, stride: int, p0: int, p1: int) -> tuple[int, i
     """Along one axis: the kernel taps ``lo:hi`` that read any input at some output
     position, and the pads that keep the output size with only those taps. On a small map
     (EfficientNet-Lite0 at 32x32 ends in 1x1 maps under 5x5 depthwise kernels) the other
-    taps read padding only, and oneDNN still computes them: slicing them away gave ~4x on
-    that layer's host training step. The output is unchanged (the dropped taps multiply
-    zeros; their gradient stays zero)."""
+    taps read padding only, and oneDNN still computes them (13 ms a call for [32, 1152, 1, 1]
+    under 5x5): slicing them away took its whole training step (batch 32, one thread) from
+    200 to 104 ms. The output is unchanged (the dropped taps multiply zeros; their gradient
+    stays zero)."""
     out = (size + p0 + p1 - k) // stride + 1
     lo = max(0, p0 - (out - 1) * stride)  # taps before lo only ever read the top padding
     hi = min(k, size + p0)  # taps from hi on only ever read the bottom padding
