@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 from edgecl.runtime.bundle_format import atomic_write_bytes
 from edgecl.runtime.errors import EdgeclError
 from edgecl.runtime.graph import Graph, GraphError, from_model
+from edgecl.runtime.heap import keep_freed_heap
 
 from . import architectures
 from .data import Stream, load_stream
@@ -108,6 +109,7 @@ def train(data: str, method: str, out: str | Path, *, n_tasks: int | None = None
     """
     if method not in METHODS:
         raise RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    keep_freed_heap()  # each step's arrays reuse freed heap instead of faulting pages in anew
     out = Path(out)
     existing = load_run(out) if (out / "run.json").exists() else None
     if existing is not None:  # continuing: the run holds its graph and how its data was fitted

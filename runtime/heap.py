@@ -9,7 +9,8 @@ the step's own either way; what is kept is freed memory up to ``TRIM_THRESHOLD``
 
 The learner's child gets them as environment variables (read by glibc at start,
 ``learner.child_env``); a process already running sets them with :func:`keep_freed_heap`
-(``mallopt``). Elsewhere (musl, macOS) nothing happens. Standard library only.
+(``mallopt``), as ``models.training.train`` does (every host training: CLI, benches,
+tests). Elsewhere (musl, macOS) nothing happens. Standard library only.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_
 
 from edgecl.runtime.heap import keep_freed_heap  # noqa: E402
 
-keep_freed_heap()  # the tests train: freed heap is kept for the next step (runtime/heap.py)
+keep_freed_heap()  # as models.training.train does, for the tests that train without it (runtime/heap.py)
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -100,9 +100,6 @@ def _zoo_pretrained(name: str) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from edgecl.models.training import train
-    from edgecl.runtime.heap import keep_freed_heap
-
-    keep_freed_heap()  # each training step's arrays reuse freed heap instead of faulting pages in
 
     backbone, graph = None, None
     model = _model_source(args)
