@@ -70,9 +70,10 @@ def _logits_bytes(rt: Runtime, digits, names) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ the math
-def _mobile_graph() -> Graph:
+def _mobile_graph(size: int = 8) -> Graph:
     """Depthwise conv (asymmetric pads, stride 2) + BatchNormalization + residual Add +
-    GlobalAveragePool + Flatten + Linear, after a plain conv with ReLU6."""
+    GlobalAveragePool + Flatten + Linear, after a plain conv with ReLU6; ``size`` x
+    ``size`` inputs."""
     P = [Param("conv1.weight", (8, 3, 3, 3), "weight"), Param("conv1.bias", (8,), "bias"),
          Param("dw.weight", (8, 1, 3, 3), "weight"), Param("dw.bias", (8,), "bias"),
          Param("bn.scale", (8,), "scale"), Param("bn.bias", (8,), "bias"),
@@ -92,7 +93,7 @@ def _mobile_graph() -> Graph:
          Node("flat", "Flatten", ("g",), ("f",)),
          Node("fc", "Linear", ("f", "fc.weight", "fc.bias"), ("h",)),
          Node("hs", "HardSwish", ("h",), ("out",))]
-    return Graph([Value("x", (3, 8, 8))], P, N, "out", name="mobile")
+    return Graph([Value("x", (3, size, size))], P, N, "out", name="mobile")
 
 
 def _transformer_graph() -> Graph:
@@ -136,6 +137,8 @@ def _graph(kind: str) -> Graph:
 
     if kind in ("mlp", "cnn"):
         return architectures.build(kind, (1, 8, 8))
+    if kind == "mobile128":  # large inputs: the learner runs the frozen prefix in chunks
+        return _mobile_graph(128)
     return _mobile_graph() if kind == "mobile" else _transformer_graph()
 
 
@@ -253,7 +256,7 @@ def _cache_run(graph, backbone, method, k, prefix_cache, n=37, bs=8, epochs=2):
     return p, s.arrays
 
 
-@pytest.mark.parametrize("kind", ["cnn", "mobile", "transformer"])
+@pytest.mark.parametrize("kind", ["cnn", "mobile", "mobile128", "transformer"])
 @pytest.mark.parametrize("method", ["supsup", "packnet"])
 def test_prefix_cache_takes_the_same_steps_byte_for_byte(kind, method):
     """With the sites before the last K frozen, the values where the trained part starts
@@ -265,6 +268,7 @@ def test_prefix_cache_takes_the_same_steps_byte_for_byte(kind, method):
     for k in (1, 2):
         p, cached = _cache_run(graph, backbone, method, k, True)
         q, plain = _cache_run(graph, backbone, method, k, False)
+        assert (p.chunk < p.bs) == (kind == "mobile128"), (kind, p.chunk)
         c = T.cut(graph, p.wanted)
         assert c.cached(graph) and p._starts.keys() == set(c.cached(graph)) and not q._starts
         assert {v: a.shape[0] for v, a in p._starts.items()} == {v: 37 for v in c.cached(graph)}
@@ -293,6 +297,46 @@ def test_prefix_cache_step_is_the_uncached_gradient():
         assert a.tobytes() == b.tobytes()
     _, tape = T.suffix_forward(graph, params, start, wanted)
     assert set(tape.values) == T.kept_values(graph, wanted) | {graph.features}
+
+
+def test_a_large_inputs_frozen_prefix_runs_in_chunks_with_the_same_bytes():
+    """On 128x128 inputs the frozen prefix (the stem conv's ~3 MB a sample) outgrows the
+    trained part, so the learner runs it a few samples at a time (planner.prefix_chunk):
+    the start values and one step's loss and gradients are the same bytes as over the
+    whole batch, the step allocates a fraction of what it did, and the planner's
+    activations cover what it allocates (tracemalloc)."""
+    import tracemalloc
+
+    graph = _mobile_graph(128)
+    params = _params(graph, 2)
+    rng = np.random.default_rng(3)
+    x, y = rng.random((8, *graph.input_shape), dtype=np.float32), rng.integers(0, 3, 8)
+    head = (rng.standard_normal((3, graph.feature_dim)).astype(np.float32), np.zeros(3, np.float32))
+    wanted = {s.weight for s in graph.mask_sites()[-2:]}
+    chunk = planner.prefix_chunk(graph, wanted, 8)
+    assert 1 <= chunk < 8
+    assert planner.prefix_chunk(_mobile_graph(), wanted, 8) == 8  # small inputs: the batch
+    whole, parts = T.prefix_values(graph, params, x, wanted), T.prefix_values(graph, params, x, wanted, chunk)
+    assert whole.keys() == parts.keys() == {"r2"}
+    assert whole["r2"].tobytes() == parts["r2"].tobytes()
+
+    def traced(**kw):
+        T.grads(graph, params, head, x, y, wanted, **kw)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        out = T.grads(graph, params, head, x, y, wanted, **kw)
+        used = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        return out, used
+
+    (want, used_whole), (got, used) = traced(), traced(chunk=chunk)
+    assert got[0] == want[0] and got[1].keys() == want[1].keys() == wanted
+    for a, b in zip([*got[1].values(), *got[2:]], [*want[1].values(), *want[2:]], strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert used < 0.6 * used_whole, (used, used_whole)
+    planned = (planner.activation_bytes(graph, 8, wanted) + 4 * 8 * (2 * 3 + graph.feature_dim)
+               + 4 * sum(int(np.prod(s.shape)) for s in graph.mask_sites()[-2:]))
+    assert 0.9 * used <= planned <= 2.0 * used + (64 << 10), (planned, used)
 
 
 def test_prefix_cache_with_a_dense_layer_in_the_prefix_is_deterministic():

@@ -43,7 +43,10 @@ Activations are simulated over the graph at batch ``B``: the forward keeps every
 the backward reads (the inputs and outputs of the nodes downstream of the first trained
 parameter, :func:`edgecl.runtime.learn.train_numpy.kept_values`) and frees the others
 after their last use (the frozen prefix costs what inference costs); the backward holds
-the kept values plus the gradients of the values still to be consumed. At every node a
+the kept values plus the gradients of the values still to be consumed. When the frozen
+prefix's activations at ``B`` would outgrow the trained part's (a large input's early
+layers), the learner runs the prefix a few samples at a time (:func:`prefix_chunk`) and
+its peak counts at that chunk, beside the batch's start values. At every node a
 working set is added: a node with a mask rule on a weight of shape ``[O, ...]`` works on
 its im2col windows, ``out / O * in[out_axis] * prod(weight.shape[2:])`` elements (exact
 for any Conv, grouped or depthwise; a Linear's input size), and a node with a
@@ -150,41 +153,98 @@ def _working(graph: Graph, node, shapes: Mapping[str, tuple[int, ...]], size) ->
     return t, 4 * _workspace(graph, node, shapes) + t
 
 
-def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
-    """Peak bytes of values, value gradients and op working sets of one forward (keeping
-    what the backward for ``wanted`` reads) and that backward, at ``batch``."""
-    shapes = graph.shapes(batch)
-    nodes = graph.backbone_nodes
-    params = graph.params
-
+def _sizer(graph: Graph, shapes: Mapping[str, tuple[int, ...]]):
     def size(v: str) -> int:
         return math.prod(shapes[v]) * _itemsize(graph, v)
+    return size
 
-    keep = kept_values(graph, wanted) | {graph.features}
+
+def _forward_peak(graph: Graph, nodes: Sequence, shapes, alive: set[str],
+                  keep: set[str]) -> tuple[int, set[str]]:
+    """(peak bytes, the values alive at the end) of running ``nodes`` forward from the
+    values ``alive``, each value freed after its last use unless in ``keep``."""
+    size = _sizer(graph, shapes)
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for v in n.inputs:
             last[v] = i
-    alive = {graph.input.name}
-    peak = 0
+    alive, peak = set(alive), 0
     for i, n in enumerate(nodes):
         alive |= set(n.outputs)
         peak = max(peak, sum(size(v) for v in alive) + _working(graph, n, shapes, size)[0])
         alive -= {v for v in n.inputs if last.get(v) == i and v not in keep}
-    held = sum(size(v) for v in alive)
-    # backward: the tape stays; a value's gradient lives from its first consumer's
-    # backward to its producer's
-    wanted = set(wanted)
+    return peak, alive
+
+
+def _backward_peak(graph: Graph, shapes, held: set[str], wanted: set[str]) -> int:
+    """Peak bytes of the backward for ``wanted`` with the tape ``held``: a value's gradient
+    lives from its first consumer's backward to its producer's."""
+    size = _sizer(graph, shapes)
+    base = sum(size(v) for v in held)
     live = set(wanted)
-    for n in backward_nodes(graph, wanted):
+    nodes = backward_nodes(graph, wanted)
+    for n in nodes:
         live |= set(n.outputs)
-    grads = {graph.features}
-    for n in reversed(backward_nodes(graph, wanted)):
-        g_in = {v for v in n.inputs if v in live and v not in params}
-        work = _working(graph, n, shapes, size)[1]
-        peak = max(peak, held + sum(size(v) for v in grads | g_in) + work)
+    grads, peak = {graph.features}, 0
+    for n in reversed(nodes):
+        g_in = {v for v in n.inputs if v in live and v not in graph.params}
+        peak = max(peak, base + sum(size(v) for v in grads | g_in) + _working(graph, n, shapes, size)[1])
         grads = (grads - set(n.outputs)) | g_in
     return peak
+
+
+def _prefix_peak(graph: Graph, wanted: set[str], chunk: int) -> int:
+    """Peak bytes of the frozen prefix's forward over ``chunk`` samples (its start values
+    kept, every other value freed after its last use)."""
+    c = cut(graph, wanted)
+    return _forward_peak(graph, c.prefix, graph.shapes(chunk), {graph.input.name}, set(c.cached(graph)))[0]
+
+
+def _suffix_peak(graph: Graph, wanted: set[str], batch: int) -> int:
+    """Peak bytes of the trained part's forward (from the start values and the batch's
+    inputs) and backward at ``batch``."""
+    c = cut(graph, wanted)
+    shapes = graph.shapes(batch)
+    keep = kept_values(graph, wanted) | {graph.features}
+    peak, held = _forward_peak(graph, c.suffix, shapes, {graph.input.name, *c.starts}, keep)
+    return max(peak, _backward_peak(graph, shapes, held, wanted))
+
+
+def prefix_chunk(graph: Graph, wanted: Sequence[str] | set[str], batch: int) -> int:
+    """The samples the learner runs the frozen prefix over at once, for a trained part
+    ``wanted`` at ``batch``: the batch, unless the prefix's activations at the batch would
+    outgrow the trained part's own (forward and backward at the batch) and the plan's slack;
+    then the most samples whose prefix activations stay within that. A large input's early
+    layers (MobileNetV2 at 224x224: ~150 MiB a value at batch 32) then cost what the
+    trained part costs, not the peak of the whole learning run. Forward only and per
+    sample: the start values are the same bytes at any chunk (see :mod:`.train_numpy`)."""
+    wanted, batch = set(wanted), max(1, int(batch))
+    if not wanted or not cut(graph, wanted).cached(graph):
+        return batch
+    per_sample = _prefix_peak(graph, wanted, 1)
+    limit = max(_suffix_peak(graph, wanted, batch), SLACK)
+    chunk = max(1, min(batch, limit // max(1, per_sample)))
+    while chunk > 1 and _prefix_peak(graph, wanted, chunk) > limit:
+        chunk -= 1
+    return chunk
+
+
+def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
+    """Peak bytes of values, value gradients and op working sets of one forward (keeping
+    what the backward for ``wanted`` reads) and that backward, at ``batch``. When the
+    learner runs the frozen prefix in chunks (:func:`prefix_chunk` below the batch), the
+    prefix's peak is at the chunk, beside the batch's start values it fills."""
+    wanted = set(wanted)
+    chunk = prefix_chunk(graph, wanted, batch)
+    if chunk < batch:
+        c = cut(graph, wanted)
+        size = _sizer(graph, graph.shapes(batch))
+        starts = sum(size(v) for v in c.cached(graph)) + size(graph.input.name)
+        return max(_prefix_peak(graph, wanted, chunk) + starts, _suffix_peak(graph, wanted, batch))
+    shapes = graph.shapes(batch)
+    keep = kept_values(graph, wanted) | {graph.features}
+    peak, held = _forward_peak(graph, graph.backbone_nodes, shapes, {graph.input.name}, keep)
+    return max(peak, _backward_peak(graph, shapes, held, wanted))
 
 
 def prefix_cache_bytes(graph: Graph, wanted: Sequence[str] | set[str], n_samples: int) -> int:

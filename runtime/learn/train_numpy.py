@@ -116,10 +116,20 @@ def cut(graph: Graph, wanted: Iterable[str]) -> Cut:
     return hit[1]
 
 
-def prefix_values(graph: Graph, params: Params, x: np.ndarray,
-                  wanted: Iterable[str]) -> dict[str, np.ndarray]:
+def prefix_values(graph: Graph, params: Params, x: np.ndarray, wanted: Iterable[str],
+                  chunk: int | None = None) -> dict[str, np.ndarray]:
     """The start values of the trained part (:meth:`Cut.cached`) for the samples ``x``:
-    the frozen prefix forward, each value freed after its last use."""
+    the frozen prefix forward, each value freed after its last use; ``chunk`` samples at
+    a time when given (the learner's :func:`.planner.prefix_chunk`), so its activations
+    are a chunk's, not the whole ``x``'s."""
+    if chunk is not None and 0 < chunk < len(x):
+        out: dict[str, np.ndarray] = {}
+        for i in range(0, len(x), chunk):
+            for v, a in prefix_values(graph, params, x[i : i + chunk], wanted).items():
+                if v not in out:
+                    out[v] = np.empty((len(x), *a.shape[1:]), dtype=a.dtype)
+                out[v][i : i + chunk] = a
+        return out
     c = cut(graph, wanted)
     keep = set(c.cached(graph))
     last: dict[str, int] = {}
@@ -198,14 +208,19 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]
 
 
 def grads(graph: Graph, params: Params, head: tuple[np.ndarray, np.ndarray], x: np.ndarray | None,
-          y: np.ndarray, wanted: Iterable[str], start: Mapping[str, np.ndarray] | None = None
-          ) -> tuple[float, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+          y: np.ndarray, wanted: Iterable[str], start: Mapping[str, np.ndarray] | None = None,
+          chunk: int | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One forward and backward: (loss, {wanted parameter: dL/d(it)}, dL/d head.weight,
     dL/d head.bias). ``params`` maps every parameter to its effective array (the one the
     forward uses), so a masked weight's gradient is dL/dW_eff. With ``start`` (the batch's
     values of ``cut(graph, wanted).starts``, e.g. from :func:`prefix_values`) the forward
-    begins there and ``x`` is not read."""
+    begins there and ``x`` is not read. With ``chunk`` below the batch (and no ``start``)
+    the frozen prefix runs ``chunk`` samples at a time (:func:`prefix_values`)."""
     wanted = set(wanted)
+    chunked = chunk is not None and x is not None and 0 < chunk < len(x)
+    if start is None and wanted and chunked and cut(graph, wanted).cached(graph):
+        start = prefix_values(graph, params, x, wanted, chunk)
+        start[graph.input.name] = x
     if start is not None and wanted:
         feats, tape = suffix_forward(graph, params, start, wanted)
     else:

@@ -36,6 +36,7 @@ from safetensors.numpy import save as st_save
 from .. import executor
 from ..bundle_format import atomic_write_bytes
 from ..graph import Graph, from_model
+from . import planner
 from . import train_numpy as T
 from .methods import (  # noqa: F401 - SupSup's top-k, kept importable from here
     LEARN_METHODS,
@@ -126,6 +127,8 @@ class Problem:
         self.buffers: dict[tuple[str, str], np.ndarray] = {}
         self.prefix_cache = bool(prefix_cache)
         self._starts: dict[str, np.ndarray] = {}  # start value -> [N, ...] (filled at once)
+        # the samples the frozen prefix runs over at once (the cache's fill, an uncached step)
+        self.chunk = planner.prefix_chunk(self.graph, self.wanted, self.bs)
 
     # -- state ---------------------------------------------------------------
     def initial(self) -> State:
@@ -189,8 +192,8 @@ class Problem:
     def start_values(self, idx: np.ndarray) -> dict[str, np.ndarray] | None:
         """The batch ``idx``'s values where the trained part starts (every name of
         ``train_numpy.cut(graph, wanted).starts``), from the per-sample cache, which the
-        first call fills: the frozen prefix over every sample once, a batch at a time in
-        sample order (as :meth:`features`), so the cache is a function of the samples
+        first call fills: the frozen prefix over every sample once, :attr:`chunk` samples
+        at a time in sample order, so the cache is a function of the samples, the graph
         and the batch size only and a resumed run finds the same values. None when the
         cache is off or there is nothing to cache (the trained part starts at the input)."""
         if not self.prefix_cache or not self.wanted:
@@ -201,12 +204,12 @@ class Problem:
             return None
         if not self._starts:
             params = self.frozen_params()
-            for i in range(0, len(self.x), self.bs):
-                vals = T.prefix_values(self.graph, params, self.x[i : i + self.bs], self.wanted)
+            for i in range(0, len(self.x), self.chunk):
+                vals = T.prefix_values(self.graph, params, self.x[i : i + self.chunk], self.wanted)
                 for v in names:
                     if v not in self._starts:
                         self._starts[v] = np.empty((len(self.x), *vals[v].shape[1:]), dtype=vals[v].dtype)
-                    self._starts[v][i : i + self.bs] = vals[v]
+                    self._starts[v][i : i + self.chunk] = vals[v]
         out = {v: self._starts[v][idx] for v in names}
         if self.graph.input.name in c.starts:
             out[self.graph.input.name] = self.x[idx]
@@ -259,7 +262,7 @@ def _head_step(p: Problem, s: State, idx: np.ndarray) -> float:
 
 def _numpy_grads(p: Problem, params: dict, head: tuple, x: np.ndarray | None, y: np.ndarray,
                  start: dict[str, np.ndarray] | None = None):
-    return T.grads(p.graph, params, head, x, y, p.wanted, start=start)
+    return T.grads(p.graph, params, head, x, y, p.wanted, start=start, chunk=p.chunk)
 
 
 def _masked_step(grads_fn, *, prefix_cache: bool = False) -> Step:
