@@ -538,6 +538,136 @@ EK_INLINE void dw_forward_flat(float *restrict yp, float *restrict Y, const floa
     for (int64_t oh = 0; oh < Ho; oh++) memcpy(yp + oh * Wo, Y + oh * Wp, (size_t)Wo * sizeof(float));
 }
 
+/* Narrow planes (W < 16), 3x3, stride 1, the output the input's size ("same" padding):
+ * the per-row padding and copying of the general paths cost more than the arithmetic on
+ * such planes (DS-CNN's 25x5). Here a plane is one memcpy into a scratch with pt zero rows
+ * above, pb below and G zeros either side, and every tap is one flat pass over the plane
+ * (row pitch W) whose lanes outside their row are masked to 0: the same products as the
+ * padded plane's (w * 0 for the padding), so the forward still matches the twin byte for
+ * byte. DS-CNN's [32, 64, 25, 5]: forward 0.59 -> 0.28 ms, weight gradient 0.68 -> 0.24. */
+typedef struct {
+    float *S, *B;        /* the scratch, and the plane's first element in it */
+    unsigned char *mask; /* [kw][H * W]: tap column j reads inside the row at flat k */
+} dw_same_t;
+
+EK_INLINE int dw_same_fits(int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t sw, int64_t Ho, int64_t Wo) {
+    (void)M;
+    return sh == 1 && sw == 1 && Ho == H && Wo == W && kh == 3 && kw == 3 && W < 16;
+}
+
+EK_INLINE int dw_same_init(dw_same_t *s, int64_t H, int64_t W, int64_t kw, int64_t dh, int64_t dw,
+                           int64_t pt, int64_t pl) {
+    const int64_t pb = 2 * dh - pt, pr = (kw - 1) * dw - pl;
+    const int64_t G = (pl > pr ? pl : pr) + 8; /* + 8: whole-vector reads past the plane */
+    s->S = (float *)calloc((size_t)(2 * G + (pt + H + pb) * W), sizeof(float));
+    s->mask = (unsigned char *)malloc((size_t)(kw * H * W));
+    if (!s->S || !s->mask) {
+        free(s->S);
+        free(s->mask);
+        return -1;
+    }
+    s->B = s->S + G + pt * W;
+    for (int64_t j = 0; j < kw; j++)
+        for (int64_t k = 0; k < H * W; k++) {
+            const int64_t v = k % W + j * dw - pl;
+            s->mask[j * H * W + k] = v >= 0 && v < W;
+        }
+    return 0;
+}
+
+EK_INLINE int dw_same_forward(const float *restrict x, const float *restrict w, float *restrict y,
+                              int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t dh,
+                              int64_t dw, int64_t pt, int64_t pl) {
+    dw_same_t s;
+    if (dw_same_init(&s, H, W, 3, dh, dw, pt, pl)) return -1;
+    const int64_t HW = H * W, O = C * M;
+    const float *restrict B = s.B;
+    const unsigned char *restrict m0 = s.mask, *restrict m1 = s.mask + HW, *restrict m2 = s.mask + 2 * HW;
+    const int64_t r0 = -pt * W - pl, r1 = (dh - pt) * W - pl, r2 = (2 * dh - pt) * W - pl;
+    const int64_t d1 = dw, d2 = 2 * dw;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            memcpy(s.B, x + (n * C + c) * HW, (size_t)HW * sizeof(float));
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t o = c * M + m;
+                const float *restrict wp = w + o * 9;
+                const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
+                            w20 = wp[6], w21 = wp[7], w22 = wp[8];
+                float *restrict yp = y + (n * O + o) * HW;
+                for (int64_t k = 0; k < HW; k++) {
+                    float acc = 0.0f;
+                    acc = acc + w00 * (m0[k] ? B[k + r0] : 0.0f);
+                    acc = acc + w01 * (m1[k] ? B[k + r0 + d1] : 0.0f);
+                    acc = acc + w02 * (m2[k] ? B[k + r0 + d2] : 0.0f);
+                    acc = acc + w10 * (m0[k] ? B[k + r1] : 0.0f);
+                    acc = acc + w11 * (m1[k] ? B[k + r1 + d1] : 0.0f);
+                    acc = acc + w12 * (m2[k] ? B[k + r1 + d2] : 0.0f);
+                    acc = acc + w20 * (m0[k] ? B[k + r2] : 0.0f);
+                    acc = acc + w21 * (m1[k] ? B[k + r2 + d1] : 0.0f);
+                    acc = acc + w22 * (m2[k] ? B[k + r2 + d2] : 0.0f);
+                    yp[k] = acc;
+                }
+            }
+        }
+    free(s.S);
+    free(s.mask);
+    return 0;
+}
+
+EK_INLINE int dw_same_grad_weight(const float *restrict x, const float *restrict gy, float *restrict gw,
+                                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t dh,
+                                  int64_t dw, int64_t pt, int64_t pl) {
+    /* gm[j]: the output gradient with the lanes where tap column j reads outside the row
+     * zeroed, to whole vectors; the nine taps in one pass, in 8 partial sums each */
+    dw_same_t s;
+    if (dw_same_init(&s, H, W, 3, dh, dw, pt, pl)) return -1;
+    const int64_t HW = H * W, O = C * M, L = (HW + 7) & ~(int64_t)7;
+    float *gm = (float *)calloc((size_t)(3 * L), sizeof(float));
+    if (!gm) {
+        free(s.S);
+        free(s.mask);
+        return -1;
+    }
+    const float *restrict B = s.B;
+    const int64_t r0 = -pt * W - pl, r1 = (dh - pt) * W - pl, r2 = (2 * dh - pt) * W - pl;
+    const int64_t d1 = dw, d2 = 2 * dw;
+    const float *restrict g0 = gm, *restrict g1 = gm + L, *restrict g2 = gm + 2 * L;
+    for (int64_t o = 0; o < O; o++) {
+        float a[9][8];
+        for (int t = 0; t < 9; t++)
+            for (int l = 0; l < 8; l++) a[t][l] = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            memcpy(s.B, x + (n * C + o / M) * HW, (size_t)HW * sizeof(float));
+            const float *restrict g = gy + (n * O + o) * HW;
+            for (int64_t j = 0; j < 3; j++)
+                for (int64_t k = 0; k < HW; k++) gm[j * L + k] = s.mask[j * HW + k] ? g[k] : 0.0f;
+            for (int64_t k = 0; k < L; k += 8)
+                for (int l = 0; l < 8; l++) {
+                    const int64_t q = k + l;
+                    a[0][l] = a[0][l] + g0[q] * B[q + r0];
+                    a[1][l] = a[1][l] + g1[q] * B[q + r0 + d1];
+                    a[2][l] = a[2][l] + g2[q] * B[q + r0 + d2];
+                    a[3][l] = a[3][l] + g0[q] * B[q + r1];
+                    a[4][l] = a[4][l] + g1[q] * B[q + r1 + d1];
+                    a[5][l] = a[5][l] + g2[q] * B[q + r1 + d2];
+                    a[6][l] = a[6][l] + g0[q] * B[q + r2];
+                    a[7][l] = a[7][l] + g1[q] * B[q + r2 + d1];
+                    a[8][l] = a[8][l] + g2[q] * B[q + r2 + d2];
+                }
+        }
+        for (int t = 0; t < 9; t++) {
+            float sum = 0.0f;
+            for (int l = 0; l < 8; l++) sum = sum + a[t][l];
+            gw[o * 9 + t] = sum;
+        }
+    }
+    free(gm);
+    free(s.S);
+    free(s.mask);
+    return 0;
+}
+
 /* The forward reads each input plane once into a zero-padded scratch plane (as the numpy
  * twin pads), then runs without bounds checks: the padding's taps add w * 0 exactly as
  * the twin's do. Returns 0, or -1 when the scratch could not be allocated. */
@@ -545,6 +675,8 @@ EK_HOT int ek_dwconv_forward(const float *restrict x, const float *restrict w, f
                              int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t kh,
                              int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
                              int64_t pl, int64_t Ho, int64_t Wo) {
+    if (dw_same_fits(H, W, M, kh, kw, sh, sw, Ho, Wo))
+        return dw_same_forward(x, w, y, N, C, H, W, M, dh, dw, pt, pl);
     const int64_t O = C * M;
     const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
     const int flat = sh == 1 && sw == 1 && Wo < 16;
@@ -638,6 +770,8 @@ EK_HOT int ek_dwconv_grad_weight(const float *restrict x, const float *restrict 
      * 1: the output gradient is laid out with P's row pitch (zeros in the extra columns)
      * and each tap is one flat dot product, in 8 partial sums; other strides accumulate
      * per output column. The partial sums are added up at the end. */
+    if (dw_same_fits(H, W, M, kh, kw, sh, sw, Ho, Wo))
+        return dw_same_grad_weight(x, gy, gw, N, C, H, W, M, dh, dw, pt, pl);
     const int64_t O = C * M, T = kh * kw;
     const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
     const int flat = sh == 1 && sw == 1;

@@ -659,6 +659,12 @@ DW_CASES = [
     ((1, 3, 1, 1), 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
     ((1, 2, 4, 4), 2, (3, 3), (2, 2), (3, 0, 3, 4), (1, 1)),
     ((0, 3, 6, 6), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # narrow planes, 3x3, stride 1, output the input's size: the kernels' masked flat path
+    ((2, 3, 9, 7), 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 3, 10, 6), 1, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((2, 4, 5, 7), 1, (3, 3), (1, 1), (0, 2, 2, 0), (1, 1)),
+    ((1, 3, 6, 1), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((3, 2, 2, 15), 1, (3, 3), (1, 1), (2, 0, 0, 2), (1, 1)),
 ]
 
 
@@ -709,8 +715,9 @@ def test_depthwise_conv_matches_twin_and_torch(nat, case):
 
 def test_depthwise_conv_forward_bytes_with_special_weights(nat):
     """Infinities, NaN payloads and -0.0 in the weights: the forward multiplies the padding
-    too (as the twin), so even those give the twin's bytes."""
-    for case in DW_CASES[:6]:
+    too (as the twin), so even those give the twin's bytes (the masked flat path's masked
+    lanes included: the last five cases)."""
+    for case in DW_CASES[:6] + DW_CASES[-5:]:
         x, w, _, geo = _dw_case(case, finite=False)
         _same_bytes(nat.depthwise_conv2d(x, w, **geo), ref.depthwise_conv2d(x, w, **geo))
 
