@@ -339,6 +339,26 @@ def test_a_large_inputs_frozen_prefix_runs_in_chunks_with_the_same_bytes():
     assert 0.9 * used <= planned <= 2.0 * used + (64 << 10), (planned, used)
 
 
+def test_head_mode_computes_a_large_inputs_features_in_chunks_with_the_same_bytes():
+    """Training no site, the features of every sample are computed once: on 128x128 inputs a
+    batch's forward exceeds the plan's slack, so a few samples at a time
+    (planner.feature_chunk), the same bytes as one forward over all of them; the head plan
+    counts the chunk's activations, not the batch's."""
+    from edgecl.runtime.learn import trainer
+
+    graph = _mobile_graph(128)
+    params = _params(graph, 2)
+    rng = np.random.default_rng(4)
+    x, y = rng.random((11, *graph.input_shape), dtype=np.float32), rng.integers(0, 3, 11)
+    p = trainer.Problem(graph, params, {}, x, y, 3, "head", dict(trainer.DEFAULTS["head"], epochs=1), 8, 0,
+                        source_params=params)
+    assert 1 <= p.chunk < 8 and p.chunk == planner.feature_chunk(graph, 8)
+    assert planner.feature_chunk(_mobile_graph(), 8) == 8
+    assert p.features().tobytes() == executor.features(graph, params, x).tobytes()
+    kw = dict(graph=graph, mode="head", n_tasks=1, n_classes=3, n_samples=11, batch_size=8)
+    assert planner.plan(**kw).activations < planner.activation_bytes(graph, 8)
+
+
 def test_prefix_cache_with_a_dense_layer_in_the_prefix_is_deterministic():
     """A Linear on [batch, features] is one BLAS GEMM per batch, whose rounding of a row may
     depend on the batch's size: the cache (filled in sample order, a batch at a time) is a

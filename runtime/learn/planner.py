@@ -229,6 +229,24 @@ def prefix_chunk(graph: Graph, wanted: Sequence[str] | set[str], batch: int) -> 
     return chunk
 
 
+def feature_chunk(graph: Graph, batch: int) -> int:
+    """The samples a method that trains no site (head mode) computes the features of at
+    once: the batch, unless the forward's activations at the batch exceed the plan's slack
+    (the head's own step is a few ``[B, F]`` arrays); then the most samples within it."""
+    batch = max(1, int(batch))
+
+    def peak(c: int) -> int:
+        return _forward_peak(graph, graph.backbone_nodes, graph.shapes(c), {graph.input.name},
+                             {graph.features})[0]
+
+    if peak(batch) <= SLACK:
+        return batch
+    chunk = max(1, min(batch, SLACK // max(1, peak(1))))
+    while chunk > 1 and peak(chunk) > SLACK:
+        chunk -= 1
+    return chunk
+
+
 def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
     """Peak bytes of values, value gradients and op working sets of one forward (keeping
     what the backward for ``wanted`` reads) and that backward, at ``batch``. When the
@@ -293,8 +311,8 @@ def plan(graph: Graph | Mapping, *, mode: str | LearnMethod, n_tasks: int, n_cla
     weights = backbone_bytes + 4 * n_t + (n_w // 8 + len(counts)) * (n_tasks + 2)
     weights += method.plan_weights(n_w, n_t, backbone_bytes)
     cache = 0
-    if not method.trains_sites:  # a head on features computed once: a forward, no backward
-        acts = activation_bytes(graph, b) + 4 * b * 2 * n_classes
+    if not method.trains_sites:  # a head on features computed once (feature_chunk samples at a time)
+        acts = max(activation_bytes(graph, feature_chunk(graph, b)), 4 * b * feat) + 4 * b * 2 * n_classes
         data = n_samples * (in_size + 4 * feat) + 8 * n_samples
     else:
         wanted = {weight_of[n] for n in t_sites}

@@ -127,8 +127,10 @@ class Problem:
         self.buffers: dict[tuple[str, str], np.ndarray] = {}
         self.prefix_cache = bool(prefix_cache)
         self._starts: dict[str, np.ndarray] = {}  # start value -> [N, ...] (filled at once)
-        # the samples the frozen prefix runs over at once (the cache's fill, an uncached step)
-        self.chunk = planner.prefix_chunk(self.graph, self.wanted, self.bs)
+        # the samples the frozen prefix runs over at once (the cache's fill, an uncached step),
+        # or, training no site, those whose features are computed at once
+        self.chunk = planner.prefix_chunk(self.graph, self.wanted, self.bs) if self.wanted \
+            else planner.feature_chunk(self.graph, self.bs)
 
     # -- state ---------------------------------------------------------------
     def initial(self) -> State:
@@ -179,13 +181,14 @@ class Problem:
         return sum(self.phases) * self.batches_per_epoch()
 
     def features(self) -> np.ndarray:
-        """Head mode: the source task's features of every sample, computed once (a batch
-        at a time, so the activations are a batch's)."""
+        """Head mode: the source task's features of every sample, computed once,
+        :attr:`chunk` samples at a time (a batch's, unless a batch's activations exceed the
+        plan's slack: :func:`.planner.feature_chunk`)."""
         if self._features is None:
             params = self.source_params
             out = np.empty((len(self.x), self.feat), dtype=np.float32)
-            for i in range(0, len(self.x), self.bs):
-                out[i : i + self.bs] = executor.features(self.graph, params, self.x[i : i + self.bs])
+            for i in range(0, len(self.x), self.chunk):
+                out[i : i + self.chunk] = executor.features(self.graph, params, self.x[i : i + self.chunk])
             self._features = out
         return self._features
 
