@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EK_ABI_VERSION 3
+#define EK_ABI_VERSION 4
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
     && !defined(EK_NO_CLONES)
@@ -364,21 +364,48 @@ static inline void route_row_matvec(const float *restrict x, const float *restri
     }
 }
 
-EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fused,
-                              const float *restrict cnst, const int64_t *restrict starts,
-                              int64_t B, int64_t d, int64_t K, int64_t T, float temperature,
-                              float novelty_floor, float threshold, int64_t *restrict out_best,
-                              float *restrict out_conf, uint8_t *restrict out_unknown,
-                              float *restrict out_scores) {
+/* One row's pooled view: v[c] = -0.0 + x[pool[0][c]] + x[pool[1][c]] + ... in ascending j
+ * (entries of -1 skipped; -0.0 is the exact identity of a float sum, so a cell's first
+ * term comes out unchanged, -0.0 included), as the numpy twin adds. */
+static inline void route_row_pool(const float *restrict x, const int32_t *restrict pool,
+                                  int64_t m, int64_t d, float *restrict v) {
+    for (int64_t c = 0; c < d; c++) v[c] = -0.0f;
+    for (int64_t j = 0; j < m; j++) {
+        const int32_t *restrict p = pool + j * d;
+        for (int64_t c = 0; c < d; c++) { /* branch-free: -1 reads x[0] and adds -0.0 */
+            const int32_t i = p[c];
+            const float xi = x[i < 0 ? 0 : i];
+            v[c] = v[c] + (i < 0 ? -0.0f : xi);
+        }
+    }
+}
+
+EK_HOT int ek_route_prototype(const ek_route_tables *tab, const void *x_, int64_t B,
+                              float temperature, float novelty_floor, float threshold,
+                              int64_t unknown_task, int64_t *restrict out_task,
+                              int64_t *restrict out_best, float *restrict out_conf,
+                              uint8_t *restrict out_unknown, float *restrict out_scores) {
+    const float *restrict x = (const float *)x_;
+    const float *restrict fused = tab->fused;
+    const float *restrict cnst = tab->cnst;
+    const int64_t *restrict starts = tab->starts;
+    const int32_t *restrict pool = tab->pool;
+    const int64_t n_in = tab->n_in, m = tab->m, d = tab->d, K = tab->K, T = tab->T;
     const int64_t n = d + K;
+    const int64_t need = n + (pool ? d : 0); /* r, then the pooled row */
     float stack[EK_ROUTE_STACK];
     float *r = stack;
-    if (n > EK_ROUTE_STACK) {
-        r = (float *)malloc((size_t)n * sizeof(float));
+    if (need > EK_ROUTE_STACK) {
+        r = (float *)malloc((size_t)need * sizeof(float));
         if (!r) return -1;
     }
+    float *restrict v = r + n;
     for (int64_t b = 0; b < B; b++) {
-        const float *restrict xb = x + b * d;
+        const float *xb = x + b * n_in;
+        if (pool) {
+            route_row_pool(xb, pool, m, d, v);
+            xb = v;
+        }
         float *restrict s = out_scores + b * T;
         route_row_matvec(xb, fused, r, d, n);
         /* quad in 8 partial sums (a fixed-width, vectorizable reduction) */
@@ -392,12 +419,12 @@ EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fus
         const float *restrict lin = r + d;
         for (int64_t t = 0; t < T; t++) {
             const int64_t lo = starts[t], hi = (t + 1 < T) ? starts[t + 1] : K;
-            float m = lin[lo] + (cnst[lo] - half);
+            float mx = lin[lo] + (cnst[lo] - half);
             for (int64_t k = lo + 1; k < hi; k++) {
-                const float v = lin[k] + (cnst[k] - half);
-                if (v > m || v != v) m = v; /* np.maximum: NaN propagates */
+                const float val = lin[k] + (cnst[k] - half);
+                if (val > mx || val != val) mx = val; /* np.maximum: NaN propagates */
             }
-            s[t] = m;
+            s[t] = mx;
         }
         int64_t best = 0;
         float top = s[0];
@@ -406,9 +433,11 @@ EK_HOT int ek_route_prototype(const float *restrict x, const float *restrict fus
         float sum = 0.0f;
         for (int64_t t = 0; t < T; t++) sum = sum + expf((s[t] - top) / temperature);
         const float conf = 1.0f / sum;
+        const uint8_t unknown = (uint8_t)((conf < threshold) || (top < novelty_floor));
         out_best[b] = best;
         out_conf[b] = conf;
-        out_unknown[b] = (uint8_t)((conf < threshold) || (top < novelty_floor));
+        if (out_unknown) out_unknown[b] = unknown;
+        if (out_task) out_task[b] = unknown ? unknown_task : best;
     }
     if (r != stack) free(r);
     return 0;

@@ -62,22 +62,35 @@ void ek_score_sgd(float *scores, const float *grad, float *buf, int64_t n, float
                   float momentum, float weight_decay);
 
 /* Task routing with the Gaussian prototype router (edgecl.runtime.routers.prototype),
- * one call per batch. x is [B, d], fused = [P | P mu^T] is [d, d + K] (row-major), cnst
- * is [K]; starts[T] (strictly ascending, starts[0] >= 0, starts[T-1] < K) is the first
- * prototype column of each task, a task's columns running to the next start (the last
- * to K). Per row, in float32, one operation at a time:
- *   r = x @ fused;  quad = sum_i r[i] * x[i];  ll[k] = r[d + k] + (cnst[k] - 0.5 * quad)
+ * one call per batch. The router's tables (set once, read only): fused = [P | P mu^T] is
+ * [d, d + K] (row-major), cnst is [K]; starts[T] (strictly ascending, starts[0] >= 0,
+ * starts[T-1] < K) is the first prototype column of each task, a task's columns running
+ * to the next start (the last to K). Without pool (NULL), x is [B, d], each row the
+ * router's view (n_in = d). With pool, x is [B, n_in] and a row's view is pooled first:
+ * pool is [m, d] indices into the row (each in [0, n_in), or -1 for none),
+ * v[c] = -0.0 + x[pool[0][c]] + x[pool[1][c]] + ... added in ascending j. */
+typedef struct {
+    const float *fused;
+    const float *cnst;
+    const int64_t *starts;
+    const int32_t *pool;
+    int64_t n_in, m, d, K, T;
+} ek_route_tables;
+
+/* Per row (its view v), in float32, one operation at a time:
+ *   r = v @ fused;  quad = sum_i r[i] * v[i];  ll[k] = r[d + k] + (cnst[k] - 0.5 * quad)
  *   scores[t] = max of ll over the task's columns (NaN propagates)
  *   best = first argmax (a NaN counts as the maximum);  top = scores[best]
  *   conf = 1 / sum_t exp((scores[t] - top) / temperature)
  *   unknown = conf < threshold || top < novelty_floor
- * Returns 0, or -1 when the scratch row (d + K floats, on the stack up to 4096) could
- * not be allocated. */
-int ek_route_prototype(const float *x, const float *fused, const float *cnst,
-                       const int64_t *starts, int64_t B, int64_t d, int64_t K, int64_t T,
-                       float temperature, float novelty_floor, float threshold,
-                       int64_t *out_best, float *out_conf, uint8_t *out_unknown,
-                       float *out_scores);
+ *   task = unknown ? unknown_task : best
+ * x is void * so that any buffer passes without a cast. out_unknown and out_task may be
+ * NULL (not written). Returns 0, or -1 when the scratch (d + K floats, d more with pool;
+ * on the stack up to 4096) could not be allocated. */
+int ek_route_prototype(const ek_route_tables *tab, const void *x, int64_t B, float temperature,
+                       float novelty_floor, float threshold, int64_t unknown_task,
+                       int64_t *out_task, int64_t *out_best, float *out_conf,
+                       uint8_t *out_unknown, float *out_scores);
 
 /* Depthwise 2-D convolution, NCHW, no bias: one input channel per group and M output
  * channels per input channel (output channel o reads input channel o / M; O = C * M).

@@ -7,6 +7,8 @@ for another ABI version; :mod:`edgecl.kernels` catches that and falls back to nu
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _checks as C
@@ -15,7 +17,7 @@ from . import reference as R
 from ._native import ffi, lib
 
 NAME = "native"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if lib.ek_abi_version() != ABI_VERSION:
     raise ImportError(f"edgecl.kernels._native has ABI version {lib.ek_abi_version()}, "
@@ -186,17 +188,14 @@ def score_step_(scores: np.ndarray, grad: np.ndarray, lr: float, momentum: float
 
 # ---------------------------------------------------------------- routing
 
-def _route_call(xp, fp, cp, sp, b, d, k, t, temperature, floor, threshold, outs):
-    best, conf, unknown, scores = outs
-    if b:
-        rc = lib.ek_route_prototype(xp, fp, cp, sp, b, d, k, t, temperature, floor, threshold,
-                                    ffi.from_buffer("int64_t[]", best),
-                                    ffi.from_buffer("float[]", conf),
-                                    ffi.from_buffer("uint8_t[]", unknown),
-                                    ffi.from_buffer("float[]", scores))
-        if rc:
-            raise MemoryError(f"route_prototype: no scratch row of {d + k} floats")
-    return outs
+def _route_tables(fused, const, starts, pool, n_in, m):
+    """The kernel's ek_route_tables over the arrays, and what keeps them alive."""
+    ptrs = (_p(fused, "float[]"), _p(const, "float[]"), _p(starts, "int64_t[]"),
+            ffi.NULL if pool is None else _p(pool, "int32_t[]"))
+    tab = ffi.new("ek_route_tables *", {"fused": ptrs[0], "cnst": ptrs[1], "starts": ptrs[2],
+                                        "pool": ptrs[3], "n_in": n_in, "m": m, "d": fused.shape[0],
+                                        "K": const.shape[0], "T": starts.shape[0]})
+    return tab, ptrs
 
 
 def route_prototype(x: np.ndarray, fused: np.ndarray, const: np.ndarray, starts: np.ndarray,
@@ -206,27 +205,35 @@ def route_prototype(x: np.ndarray, fused: np.ndarray, const: np.ndarray, starts:
     d, k, t = R.route_tables(fused, const, starts)
     scal = R.route_scalars(temperature, novelty_floor, threshold)
     b = R.route_x(x, d)
-    outs = R.route_outs(b, t, out_best, out_conf, out_unknown, out_scores)
-    return _route_call(_p(x, "float[]"), _p(fused, "float[]"), _p(const, "float[]"),
-                       _p(starts, "int64_t[]"), b, d, k, t, *scal, outs)
+    best, conf, unknown, scores = outs = R.route_outs(b, t, out_best, out_conf, out_unknown, out_scores)
+    tab, _keep = _route_tables(fused, const, starts, None, d, 0)
+    if b and lib.ek_route_prototype(tab, _p(x, "float[]"), b, *scal, 0, ffi.NULL, _p(best, "int64_t[]"),
+                                    _p(conf, "float[]"), _p(unknown.view(np.uint8), "uint8_t[]"),
+                                    _p(scores, "float[]")):
+        raise MemoryError(f"route_prototype: no scratch row of {d + k} floats")
+    return outs
 
 
-def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray):
+def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray,
+                            pool: np.ndarray | None = None, n_in: int | None = None):
     d, k, t = R.route_tables(fused, const, starts)
-    fused, const, starts = (np.array(a, copy=True) for a in (fused, const, starts))
-    for a in (fused, const, starts):
-        a.setflags(write=False)
-    fp, cp, sp = _p(fused, "float[]"), _p(const, "float[]"), _p(starts, "int64_t[]")
+    width, m = R.route_pool(pool, d, n_in)
+    tables = [None if a is None else np.array(a, copy=True) for a in (fused, const, starts, pool)]
+    for a in tables:
+        if a is not None:
+            a.setflags(write=False)
+    tab, ptrs = _route_tables(*tables, width, m)
     empty, i64, f32, bool_ = np.empty, np.int64, np.float32, np.bool_
-    ndarray, from_buffer, call = np.ndarray, ffi.from_buffer, lib.ek_route_prototype
+    ndarray, from_buffer, call, null = np.ndarray, ffi.from_buffer, lib.ek_route_prototype, ffi.NULL
     inf = float("inf")
     unknown_dtypes = (np.dtype(np.bool_), np.dtype(np.uint8))
+    no_scratch = f"route_prototype: no scratch row of {d + k + (d if m else 0)} floats"
 
     def route(x, temperature, novelty_floor, threshold, out_unknown=None):
         # the light check of x (route_x's conditions, inlined) and of the scalars
-        if (type(x) is not ndarray or x.dtype != f32 or x.ndim != 2 or x.shape[1] != d
+        if (type(x) is not ndarray or x.dtype != f32 or x.ndim != 2 or x.shape[1] != width
                 or not x.flags.c_contiguous):
-            R.route_x(x, d)  # raises, naming what is wrong
+            R.route_x(x, width)  # raises, naming what is wrong
         if not 0 < temperature < inf:
             R.route_scalars(temperature, novelty_floor, threshold)  # raises
         b = x.shape[0]
@@ -238,15 +245,55 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
             R.route_outs(b, t, None, None, out_unknown, None)  # raises, naming what is wrong
             raise ValueError("out_unknown must be a writable uint8 or bool array of shape (batch,)")
         best, conf, scores = empty(b, i64), empty(b, f32), empty((b, t), f32)
-        if b and call(from_buffer("float[]", x), fp, cp, sp, b, d, k, t, temperature,
-                      novelty_floor, threshold, from_buffer("int64_t[]", best),
-                      from_buffer("float[]", conf), from_buffer("uint8_t[]", out_unknown),
-                      from_buffer("float[]", scores)):
-            raise MemoryError(f"route_prototype: no scratch row of {d + k} floats")
+        if b and call(tab, from_buffer(x), b, temperature, novelty_floor, threshold, 0, null,
+                      from_buffer("int64_t[]", best), from_buffer("float[]", conf),
+                      from_buffer("uint8_t[]", out_unknown), from_buffer("float[]", scores)):
+            raise MemoryError(no_scratch)
         return best, conf, out_unknown, scores
 
-    route.d, route.tasks = d, t
-    route.tables = (fused, const, starts)  # kept alive with the pointers into them
+    # batch 1's outputs: written in place, handed out as copies (cheaper than four new
+    # arrays and four pointers); the lock keeps a second thread to the general path
+    one = (empty(1, i64), empty(1, f32), empty(1, i64), empty((1, t), f32))
+    one_task, one_conf, one_best, one_scores = one
+    task_p, conf_p, best_p, scores_p = (from_buffer(c, a) for c, a in zip(
+        ("int64_t[]", "float[]", "int64_t[]", "float[]"), one, strict=True))
+    one_lock = threading.Lock()
+
+    one_shape = [None]  # the shape of a batch-1 x that passed the full check
+
+    def decide(x, temperature, novelty_floor, threshold, unknown_task):
+        if type(x) is ndarray and x.shape == one_shape[0] and x.dtype == f32 and x.flags.c_contiguous:
+            b = 1  # batch 1 of a shape checked before: one tuple comparison for the shape
+        else:
+            # x's check (route_rows' conditions, inlined: any shape (batch, ...) of width values a row)
+            if (type(x) is not ndarray or x.dtype != f32 or not x.flags.c_contiguous or x.ndim < 2
+                    or x.size != x.shape[0] * width or not x.shape[0]):
+                if R.route_rows(x, width) == 0:  # raises, naming what is wrong; or an empty batch
+                    return empty(0, i64), empty(0, f32), empty(0, i64), empty((0, t), f32)
+            b = x.shape[0]
+            if b == 1:
+                one_shape[0] = x.shape
+        if not 0 < temperature < inf:
+            R.route_scalars(temperature, novelty_floor, threshold)  # raises
+        if b == 1 and one_lock.acquire(False):
+            try:
+                if call(tab, from_buffer(x), 1, temperature, novelty_floor, threshold, unknown_task,
+                        task_p, best_p, conf_p, null, scores_p):
+                    raise MemoryError(no_scratch)
+                return one_task.copy(), one_conf.copy(), one_best.copy(), one_scores.copy()
+            finally:
+                one_lock.release()
+        # new arrays per call: a decision's arrays stay its own
+        task, best, conf, scores = empty(b, i64), empty(b, i64), empty(b, f32), empty((b, t), f32)
+        if call(tab, from_buffer(x), b, temperature, novelty_floor, threshold, unknown_task,
+                from_buffer("int64_t[]", task), from_buffer("int64_t[]", best),
+                from_buffer("float[]", conf), null, from_buffer("float[]", scores)):
+            raise MemoryError(no_scratch)
+        return task, conf, best, scores
+
+    route.d, route.tasks, route.decide, route.impl = d, t, decide, NAME
+    # the arrays tab points into live as long as either function (decide may be kept alone)
+    route.tables = decide.tables = (tables, tab, ptrs)
     return route
 
 

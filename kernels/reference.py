@@ -10,6 +10,8 @@ the last byte are written 0 and ignored when read.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _checks as C
@@ -305,6 +307,49 @@ def route_x(x, d: int) -> int:
     return x.shape[0]
 
 
+def route_rows(x, width: int) -> int:
+    """The check of a prepared route's ``decide`` batch: a C-contiguous float32 array of
+    ``width`` values per row (shape (batch, width) or (batch, ...) that holds them)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2 \
+            or math.prod(x.shape[1:]) != width or not x.flags.c_contiguous:
+        got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
+               else type(x).__name__)
+        raise ValueError(f"x must be a C-contiguous float32 array of {width} values per row "
+                         f"(shape (batch, {width}) or (batch, ...)), got {got}")
+    return x.shape[0]
+
+
+def route_pool(pool, d: int, n_in) -> tuple[int, int]:
+    """Checks of a pooled view's index table; returns (values per input row, m): (d, 0)
+    without one."""
+    if pool is None:
+        if n_in is not None and n_in != d:
+            raise ValueError(f"n_in is {n_in} without a pool: the rows are the view ({d} values)")
+        return d, 0
+    C.array("pool", pool, (np.dtype(np.int32),))
+    if n_in is None:
+        raise ValueError("n_in (values per input row) is needed with a pool")
+    n_in = C.count("n_in", n_in)
+    if pool.ndim != 2 or pool.shape[1] != d or pool.shape[0] < 1:
+        raise ValueError(f"pool has shape {pool.shape}, need (m, {d}) with m >= 1 (m indices per view value)")
+    if pool.min() < -1 or pool.max() >= n_in:
+        raise ValueError(f"pool indices must be in [0, {n_in}) or -1, got [{pool.min()}, {pool.max()}]")
+    return n_in, pool.shape[0]
+
+
+def pool_rows(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """[B, n_in] -> [B, d]: ``v[:, c] = -0.0 + x[:, pool[0, c]] + x[:, pool[1, c]] + ...``
+    added in ascending j (-1: nothing), the order of the C kernel, so the two agree byte
+    for byte. -0.0 is the exact identity of a float sum: a cell's first value comes out
+    unchanged (a signaling NaN quieted, as C's add does), and the -0.0 column appended for
+    index -1 adds nothing."""
+    g = np.concatenate([x, np.full((len(x), 1), -0.0, x.dtype)], axis=1)[:, pool]  # [B, m, d]
+    v = np.add(g[:, 0], x.dtype.type(-0.0), out=np.empty((len(x), pool.shape[1]), x.dtype))
+    for j in range(1, len(pool)):
+        np.add(v, g[:, j], out=v)
+    return v
+
+
 def route_outs(b: int, t: int, out_best, out_conf, out_unknown, out_scores):
     best = C.out_array("out_best", out_best, (b,), np.int64)
     conf = C.out_array("out_conf", out_conf, (b,), np.float32)
@@ -356,12 +401,21 @@ def route_prototype(x: np.ndarray, fused: np.ndarray, const: np.ndarray, starts:
     return _route(x, fused, const, starts, *scal, outs)
 
 
-def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray):
+def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.ndarray,
+                            pool: np.ndarray | None = None, n_in: int | None = None):
     """``route_prototype`` with the tables checked and copied once: returns
     ``route(x, temperature, novelty_floor, threshold, out_unknown=None)`` that checks only
-    ``x`` (C-contiguous float32 [B, d]) and returns the same four arrays."""
+    ``x`` (C-contiguous float32 [B, d]) and returns the same four arrays.
+
+    ``route.decide(x, temperature, novelty_floor, threshold, unknown_task)`` is the
+    router's decision: ``(task, conf, best, scores)`` with ``task = unknown_task`` where
+    the row is unknown, else ``best``; each call's arrays are new. Its ``x`` holds a row's
+    values in any C-contiguous shape (batch, ...): the view itself, or with ``pool`` (int32
+    [m, d], see :func:`pool_rows`) the ``n_in`` values the view is pooled from."""
     d, _, t = route_tables(fused, const, starts)
+    width, _ = route_pool(pool, d, n_in)
     fused, const, starts = (np.array(a, copy=True) for a in (fused, const, starts))
+    pool = None if pool is None else np.array(pool, copy=True)
 
     def route(x, temperature, novelty_floor, threshold, out_unknown=None):
         b = route_x(x, d)
@@ -369,7 +423,17 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
         outs = route_outs(b, t, None, None, out_unknown, None)
         return _route(x, fused, const, starts, *scal, outs)
 
-    route.d, route.tasks = d, t
+    def decide(x, temperature, novelty_floor, threshold, unknown_task):
+        b = route_rows(x, width)
+        scal = route_scalars(temperature, novelty_floor, threshold)
+        v = x.reshape(b, width)
+        if pool is not None:
+            v = pool_rows(v, pool)
+        best, conf, unknown, scores = _route(v, fused, const, starts, *scal,
+                                             route_outs(b, t, None, None, None, None))
+        return np.where(unknown, np.int64(unknown_task), best), conf, best, scores
+
+    route.d, route.tasks, route.decide, route.impl = d, t, decide, NAME
     return route
 
 

@@ -641,6 +641,157 @@ def test_route_prototype_bad_inputs(impl_name):
     assert kernels.prepare_route_prototype(fused, const, starts, impl=impl_name).d == 4
 
 
+def _pool_case(rng, shape, cells):
+    """A pooled view's index table (runtime/routers/view.py) over an input ``shape``."""
+    from edgecl.runtime.routers.view import pool_index
+
+    return pool_index(shape, cells)
+
+
+# (input shape, cells per axis): ds-cnn's 49x10 -> 7x10 and the 640 features -> 160 (even,
+# one pooled axis), uneven cells on one and on two axes (-1 padding), a kept channel axis
+POOLS = [((1, 49, 10), (1, 7, 10)), ((640,), (160,)), ((49, 10), (16, 10)),
+         ((1, 13, 17), (1, 9, 10)), ((3, 10, 11), (3, 4, 5)), ((331,), (160,)), ((5,), (1,))]
+
+
+@pytest.mark.parametrize("shape,cells", POOLS)
+@pytest.mark.parametrize("b", [0, 1, 3, 64])
+def test_route_pool_matches_twin_byte_for_byte(nat, shape, cells, b):
+    """The kernel pools a row as the twin's pool_rows does, byte for byte (-0.0, inf and
+    NaN included): its decision equals the unpooled kernel's on the twin's pooled rows."""
+    import math
+
+    rng = _rng("route-pool", shape, b)
+    pool = _pool_case(rng, shape, cells)
+    d, n = math.prod(cells), math.prod(shape)
+    # every input value in exactly one cell, ascending within it, -1 only at a column's end
+    assert sorted(pool[pool >= 0].tolist()) == list(range(n))
+    assert all((np.diff(col[col >= 0]) > 0).all() and (col[:(col >= 0).sum()] >= 0).all() for col in pool.T)
+    fused, const, starts = _route_tables(rng, d, 9, 3)
+    x = _weights(rng, (b, *shape)) if b != 3 else rng.standard_normal((b, *shape)).astype(np.float32)
+    if b:
+        x.reshape(b, -1)[0, pool[:, 0][pool[:, 0] >= 0]] = -0.0  # a cell of -0.0 stays -0.0
+    with np.errstate(all="ignore"):  # inf - inf, NaN: compared byte for byte, not warned about
+        v = ref.pool_rows(x.reshape(b, n), pool)
+        assert v.dtype == np.float32 and v.shape == (b, d)
+        if b:
+            assert np.signbit(v[0, 0]) and v[0, 0] == 0
+        pooled = nat.prepare_route_prototype(fused, const, starts, pool=pool, n_in=n)
+        plain = nat.prepare_route_prototype(fused, const, starts)
+        twin = ref.prepare_route_prototype(fused, const, starts, pool=pool, n_in=n)
+        twin_plain = ref.prepare_route_prototype(fused, const, starts)
+        for temp, floor, thr, unknown_task in [(1.0, -np.inf, 0.5, -1), (3.0, 0.0, 0.9, 2)]:
+            got = pooled.decide(x, temp, floor, thr, unknown_task)
+            want = plain.decide(v, temp, floor, thr, unknown_task)
+            for a, c in zip(got, want, strict=True):
+                _same_bytes(a, c)
+            for a, c in zip(twin.decide(x, temp, floor, thr, unknown_task),
+                            twin_plain.decide(v, temp, floor, thr, unknown_task), strict=True):
+                _same_bytes(a, c)
+
+
+@pytest.mark.parametrize("shape,cells", POOLS)
+def test_route_pool_values_through_identity_tables(nat, shape, cells):
+    """Tables that make each task's score one view value (P = 0, μ = e_c, one prototype a
+    task): the kernel's scores are its pooled row itself, equal to pool_rows byte for byte."""
+    import math
+
+    rng = _rng("route-pool-id", shape)
+    pool = _pool_case(rng, shape, cells)
+    d, n = math.prod(cells), math.prod(shape)
+    fused = np.hstack([np.zeros((d, d)), np.eye(d)]).astype(np.float32)
+    const, starts = np.zeros(d, np.float32), np.arange(d, dtype=np.int64)
+    x = (rng.standard_normal((9, *shape)) * 10.0 ** rng.integers(-3, 4, (9, *shape))).astype(np.float32)
+    for impl in (nat, ref):
+        scores = impl.prepare_route_prototype(fused, const, starts, pool=pool, n_in=n).decide(
+            x, 1.0, 0.0, 0.5, -1)[3]
+        _same_bytes(scores, ref.pool_rows(x.reshape(9, n), pool))
+
+
+@pytest.mark.parametrize("b", [0, 1, 5])
+def test_route_decide_is_route_with_the_task(nat, b):
+    """decide = route's (best, conf, scores) and task = unknown_task where unknown, else
+    best; the numpy twin's decide as route_prototype's twin (to float32 rounding); any
+    C-contiguous shape with the row's values passes."""
+    rng = _rng("route-decide", b)
+    fused, const, starts = _route_tables(rng, 12, 10, 4)
+    x = rng.standard_normal((b, 3, 4)).astype(np.float32)
+    for impl in (nat, ref):
+        prepared = impl.prepare_route_prototype(fused, const, starts)
+        assert prepared.impl == impl.NAME
+        for thr, unknown_task in [(0.5, -1), (0.99, 3), (0.0, -1)]:
+            best, conf, unknown, scores = prepared(x.reshape(b, 12), 2.0, -40.0, thr)
+            task, conf2, best2, scores2 = prepared.decide(x, 2.0, -40.0, thr, unknown_task)
+            for a, c in [(best, best2), (conf, conf2), (scores, scores2)]:
+                _same_bytes(a, c)
+            _same_bytes(task, np.where(unknown, np.int64(unknown_task), best))
+    if b:
+        want = ref.prepare_route_prototype(fused, const, starts).decide(x, 2.0, -40.0, 0.5, -1)
+        got = nat.prepare_route_prototype(fused, const, starts).decide(x, 2.0, -40.0, 0.5, -1)
+        as_route = [(d[2], d[1], d[0] == -1, d[3]) for d in (got, want)]  # (best, conf, unknown, scores)
+        _check_route(*as_route, x.reshape(b, 12), fused, const)
+
+
+def test_route_decide_arrays_are_each_calls_own(nat):
+    """Batch 1 is written into kept buffers and handed out as copies: a later call (or
+    another thread's) never changes an earlier decision's arrays."""
+    import threading
+
+    rng = _rng("route-own")
+    fused, const, starts = _route_tables(rng, 16, 12, 3)
+    xs = rng.standard_normal((64, 1, 16)).astype(np.float32) * 3
+    decide = nat.prepare_route_prototype(fused, const, starts).decide
+    serial = [decide(x, 1.0, -30.0, 0.6, -1) for x in xs]
+    kept = [tuple(a.copy() for a in d) for d in serial]
+    for d, k in zip(serial, kept, strict=True):
+        for a, c in zip(d, k, strict=True):
+            _same_bytes(a, c)
+    assert len({id(a) for d in serial for a in d}) == 4 * len(xs)
+    got: dict[int, list] = {}
+
+    def run(i):
+        got[i] = [decide(x, 1.0, -30.0, 0.6, -1) for x in xs for _ in range(20)][::20]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(4):
+        for d, k in zip(got[i], kept, strict=True):
+            for a, c in zip(d, k, strict=True):
+                _same_bytes(a, c)
+
+
+@pytest.mark.parametrize("impl_name", ["native", "numpy"])
+def test_route_pool_and_decide_bad_inputs(impl_name):
+    impl = kernels.implementation(impl_name)
+    fused, const, starts = _route_tables(_rng("route-pool-bad"), 4, 6, 3)
+    pool = np.array([[0, 2, 4, 6], [1, 3, 5, -1]], np.int32)
+    cases = [
+        (dict(pool=pool.astype(np.int64), n_in=7), "pool must have dtype int32"),
+        (dict(pool=pool, n_in=None), "n_in"),
+        (dict(pool=pool[:, :3].copy(), n_in=7), "pool has shape"),
+        (dict(pool=np.zeros((0, 4), np.int32), n_in=7), "pool has shape"),
+        (dict(pool=pool, n_in=6), r"pool indices must be in \[0, 6\)"),
+        (dict(pool=pool - 1, n_in=7), "pool indices"),
+        (dict(pool=None, n_in=7), "n_in is 7 without a pool"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            impl.prepare_route_prototype(fused, const, starts, **kw)
+    decide = impl.prepare_route_prototype(fused, const, starts, pool=pool, n_in=7).decide
+    for x in [np.ones((2, 7)), np.ones((2, 8), np.float32), np.ones(7, np.float32),
+              np.ones((7, 2), np.float32).T, [[1.0] * 7]]:
+        with pytest.raises(ValueError, match="x must be a C-contiguous float32 array of 7 values per row"):
+            decide(x, 1.0, 0.0, 0.5, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        decide(np.ones((1, 7), np.float32), 0.0, 0.0, 0.5, -1)
+    empty = decide(np.ones((0, 7), np.float32), 1.0, 0.0, 0.5, -1)
+    assert [a.shape for a in empty] == [(0,), (0,), (0,), (0, 3)]
+    assert [a.dtype for a in empty] == [np.int64, np.float32, np.int64, np.float32]
+
+
 # ---------------------------------------------------------------- depthwise convolution
 # (x shape, channel multiplier, kernel, strides, pads, dilations): 3x3 at stride 1 and 2
 # (wide and narrow planes: the C kernel's row and flat paths), asymmetric pads, dilation,

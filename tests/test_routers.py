@@ -359,6 +359,47 @@ def test_pooled_view_routes_split_digits(digits, shape):
     assert (r.decide(rt, noise).task == UNKNOWN).mean() >= 0.95
 
 
+@pytest.mark.parametrize("shape", [(1, 49, 10), (640,)])
+def test_pooled_router_pools_inside_the_kernel(digits, shape):
+    """decide pools in the route kernel, from the raw input: byte for byte the kernel on
+    the view the router was fitted on (view.compute), batch 1 as a batch; the numpy twin
+    and the generic numpy decide agree; each decision's arrays are its own."""
+    from edgecl import kernels
+    from edgecl.models.data import fit_input
+    from edgecl.runtime.routers import view as V
+    from edgecl.runtime.routers.base import Router
+
+    rt = _Rt(_flat_graph(shape))
+    r = PrototypeRouter()
+    for t in digits.tasks[:3]:
+        r.add_task(rt, t.name, fit_input(t.x_train, shape), t.y_train)
+    assert r.view.kind == "pooled"
+    rng = np.random.default_rng(1)
+    x = np.concatenate([fit_input(t.x_test[:40], shape) for t in digits.tasks]).astype(np.float32)
+    x = np.concatenate([x, rng.random((20, *shape), dtype=np.float32) * float(x.max())])
+    plain = kernels.prepare_route_prototype(*r._prepare())
+    for threshold, fallback in [(0.5, None), (0.9, 1)]:
+        got = r.decide(rt, x, threshold, fallback)
+        v = V.compute(r.view, rt, x)
+        unknown_task = UNKNOWN if fallback is None else fallback
+        want = plain.decide(v, r.temperature, min(r.novelty), threshold, unknown_task)
+        for k, w in zip(("task", "confidence", "best", "scores"), want, strict=True):
+            assert getattr(got, k).tobytes() == w.tobytes(), k
+        ones = [r.decide(rt, x[i:i + 1], threshold, fallback) for i in range(len(x))]
+        for k in ("task", "confidence", "best", "scores"):
+            assert np.concatenate([getattr(o, k) for o in ones]).tobytes() == getattr(got, k).tobytes()
+        assert len({id(o.scores) for o in ones}) == len(ones)
+        generic = Router.decide(r, rt, x, threshold, fallback)
+        assert (generic.best == got.best).mean() >= 0.99
+        np.testing.assert_allclose(got.scores, generic.scores, rtol=1e-4, atol=1e-2)
+    got = r.decide(rt, x)
+    r._route = kernels.prepare_route_prototype(*r._fused, impl="numpy")  # the twin, pool included
+    twin = r.decide(rt, x)
+    assert r._hot[3].__qualname__.startswith("prepare_route_prototype") and r._route.impl == "numpy"
+    assert np.array_equal(twin.best, got.best) and np.array_equal(twin.task == UNKNOWN, got.task == UNKNOWN)
+    np.testing.assert_allclose(twin.scores, got.scores, rtol=1e-5, atol=1e-3)
+
+
 def test_routers_stored_with_old_views_decide_as_before(digits):
     """A router stored with an old view ("input" on a 490-value input, "sampled", or no
     view at all) keeps it on loading, and decides exactly as that view always did."""

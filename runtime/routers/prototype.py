@@ -10,6 +10,8 @@ from making it singular). Scoring is one matrix product: x @ [P | P μᵀ].
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ... import kernels
@@ -43,7 +45,9 @@ class PrototypeRouter(Router):
         self._fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._route = None  # kernels.prepare_route_prototype of _fused (decide's one call)
         self.view: view.View | None = None  # what it looks at (chosen on the first task)
-        self._view_fn: tuple = (None, None, None)  # (runtime, view, view.prepare's function)
+        # decide's hot path, built once per (runtime, _route, view): those three, the
+        # kernel's decide (a pooled view computed inside it) and the view's function or None
+        self._hot: tuple = (None, None, None, None, None)
 
     def _flat(self, runtime, x: np.ndarray) -> np.ndarray:
         if self.view is None:
@@ -104,31 +108,36 @@ class PrototypeRouter(Router):
         ll = r[:, d:] + (const - 0.5 * quad)
         return np.maximum.reduceat(ll, starts, axis=1)
 
+    def _make_hot(self, runtime) -> tuple:
+        route = self._router_kernel()
+        kernel, fn, v = route, None, self.view
+        if v is not None and v.kind == "pooled":  # pooled inside the kernel, from the raw input
+            shape = tuple(runtime.input_shape)
+            kernel = kernels.prepare_route_prototype(*self._prepare(), pool=view.pool_index(shape, v.cells),
+                                                     n_in=math.prod(shape), impl=route.impl)
+        elif v is not None and v.kind != "input":
+            fn = view.prepare(v, runtime) or \
+                (lambda x: np.ascontiguousarray(view.compute(v, runtime, x), dtype=np.float32))
+        self._hot = (runtime, route, v, kernel.decide, fn)
+        return self._hot
+
     def decide(self, runtime, x, threshold=0.5, fallback=None):
         """The shared decision (see :meth:`Router.decide`) in one fused kernel call
-        (``edgecl.kernels.route_prototype``) for float32 inputs; other dtypes take the
-        generic numpy path."""
-        route = self._route
-        if route is None:
+        (``edgecl.kernels.prepare_route_prototype``'s ``decide``) for float32 inputs; other
+        dtypes take the generic numpy path."""
+        hot = self._hot
+        if hot[0] is not runtime or hot[1] is not self._route or hot[2] is not self.view:
             if not self.tasks:
                 raise RouterError(f"router {self.name} has no task")
-            route = self._router_kernel()
+            hot = self._make_hot(runtime)
         if type(x) is not np.ndarray or x.dtype != np.float32:
             return super().decide(runtime, x, threshold, fallback)
-        if self.view is not None and self.view.kind != "input":
-            rt, v, fn = self._view_fn
-            if rt is not runtime or v is not self.view:  # once per runtime: the hot path is fn(x)
-                fn = view.prepare(self.view, runtime)
-                self._view_fn = (runtime, self.view, fn)
-            x = fn(x) if fn is not None else \
-                np.ascontiguousarray(view.compute(self.view, runtime, x), dtype=np.float32)
-        if x.ndim != 2:
-            x = x.reshape(len(x), route.d)
-        best, conf, unknown, s = route(x if x.flags.c_contiguous else np.ascontiguousarray(x),
-                                       self.temperature, min(self.novelty), threshold)
-        task = best.copy()
-        if 1 in unknown.tobytes():  # any unknown: bytes' scan is cheaper than .any() at batch 1
-            task[unknown] = UNKNOWN if fallback is None else fallback
+        if hot[4] is not None:
+            x = hot[4](x)
+        elif not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        task, conf, best, s = hot[3](x, self.temperature, min(self.novelty), threshold,
+                                     UNKNOWN if fallback is None else fallback)
         return Decision(task, conf, best, s)
 
     def _arrays(self):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...kernels.reference import pool_rows
 from ..graph import Graph
 
 RAW_LIMIT = 1024  # float inputs up to this many values: a view of the input itself
@@ -140,29 +141,26 @@ def _bounds(n: int, cells: int) -> np.ndarray:
     return np.array([round(i * n / cells) for i in range(cells + 1)])
 
 
-def _pooled_fn(shape: tuple[int, ...], cells: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
-    """x [n, *shape] -> [n, prod(cells)] float32: the sum of each cell (sums, not means:
-    the Mahalanobis distance does not see a scale, and a division would cost a call)."""
-    d, add = math.prod(cells), np.add
-    pooled = [(i, c) for i, (n, c) in enumerate(zip(shape, cells, strict=True)) if c != n]
-    if len(pooled) == 1 and all(n % c == 0 for n, c in zip(shape, cells, strict=True)):
-        # one axis pooled evenly: one product with ones over a reshape, the cheapest call
-        # (ds-cnn's 49x10 -> 7x10: 1.6 us, add.reduce 2.4 us)
-        i, c = pooled[0]
-        outer, k, inner = math.prod(shape[:i]) * c, shape[i] // c, math.prod(shape[i + 1:])
-        ones = np.ones(k, np.float32)
-        if inner == 1:  # adjacent values of a flat input
-            return lambda x: (x.reshape(len(x) * outer, k) @ ones).reshape(len(x), d)
-        row = ones[None]
-        return lambda x: (row @ x.reshape(len(x) * outer, k, inner)).reshape(len(x), d)
-    starts = [_bounds(n, c)[:-1] for n, c in zip(shape, cells, strict=True)]
+def pool_index(shape: tuple[int, ...], cells: tuple[int, ...]) -> np.ndarray:
+    """[m, d] int32: column c holds the flat indices (ascending, then -1) of the input
+    values in the pooled view's cell c (cells in C order; ``kernels`` ``pool_rows``)."""
+    bins = [np.searchsorted(_bounds(n, c), np.arange(n), side="right") - 1
+            for n, c in zip(shape, cells, strict=True)]
+    cell = np.ravel_multi_index(np.ix_(*bins), cells).reshape(-1)  # cell of each input value
+    order = np.argsort(cell, kind="stable")  # by cell, ascending input index within one
+    counts = np.bincount(cell, minlength=math.prod(cells))
+    rank = np.arange(len(cell)) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.full((int(counts.max()), len(counts)), -1, np.int32)
+    index[rank, cell[order]] = order
+    return index
 
-    def pooled_fn(x: np.ndarray) -> np.ndarray:  # reduceat per pooled axis (uneven cells too)
-        y = x.reshape(len(x), *shape)
-        for i, _ in pooled:
-            y = add.reduceat(y, starts[i], axis=i + 1)
-        return y.reshape(len(x), d)
-    return pooled_fn
+
+def _pooled_fn(shape: tuple[int, ...], cells: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    """x [n, *shape] -> [n, prod(cells)]: the sum of each cell (sums, not means: the
+    Mahalanobis distance does not see a scale), added in the order the route kernel pools
+    in (so fitting and deciding see the same values, byte for byte)."""
+    index, size = pool_index(shape, cells), math.prod(shape)
+    return lambda x: pool_rows(x.reshape(len(x), size), index)
 
 
 _AFFINE = {"Add", "Sub", "Mul", "Div"}
