@@ -577,6 +577,7 @@ EK_INLINE void dw_forward_flat(float *restrict yp, float *restrict Y, const floa
 typedef struct {
     float *S, *B;        /* the scratch, and the plane's first element in it */
     unsigned char *mask; /* [kw][H * W]: tap column j reads inside the row at flat k */
+    int64_t r[3], d1, d2; /* tap (i, j) reads B[k + r[i] + j * dw]; d1, d2 = dw, 2 * dw */
 } dw_same_t;
 
 EK_INLINE int dw_same_fits(int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
@@ -597,6 +598,9 @@ EK_INLINE int dw_same_init(dw_same_t *s, int64_t H, int64_t W, int64_t kw, int64
         return -1;
     }
     s->B = s->S + G + pt * W;
+    for (int64_t i = 0; i < 3; i++) s->r[i] = (i * dh - pt) * W - pl;
+    s->d1 = dw;
+    s->d2 = 2 * dw;
     for (int64_t j = 0; j < kw; j++)
         for (int64_t k = 0; k < H * W; k++) {
             const int64_t v = k % W + j * dw - pl;
@@ -613,8 +617,7 @@ EK_INLINE int dw_same_forward(const float *restrict x, const float *restrict w, 
     const int64_t HW = H * W, O = C * M;
     const float *restrict B = s.B;
     const unsigned char *restrict m0 = s.mask, *restrict m1 = s.mask + HW, *restrict m2 = s.mask + 2 * HW;
-    const int64_t r0 = -pt * W - pl, r1 = (dh - pt) * W - pl, r2 = (2 * dh - pt) * W - pl;
-    const int64_t d1 = dw, d2 = 2 * dw;
+    const int64_t r0 = s.r[0], r1 = s.r[1], r2 = s.r[2], d1 = s.d1, d2 = s.d2;
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             memcpy(s.B, x + (n * C + c) * HW, (size_t)HW * sizeof(float));
@@ -659,8 +662,7 @@ EK_INLINE int dw_same_grad_weight(const float *restrict x, const float *restrict
         return -1;
     }
     const float *restrict B = s.B;
-    const int64_t r0 = -pt * W - pl, r1 = (dh - pt) * W - pl, r2 = (2 * dh - pt) * W - pl;
-    const int64_t d1 = dw, d2 = 2 * dw;
+    const int64_t r0 = s.r[0], r1 = s.r[1], r2 = s.r[2], d1 = s.d1, d2 = s.d2;
     const float *restrict g0 = gm, *restrict g1 = gm + L, *restrict g2 = gm + 2 * L;
     for (int64_t o = 0; o < O; o++) {
         float a[9][8];
