@@ -657,8 +657,11 @@ POOLS = [((1, 49, 10), (1, 7, 10)), ((640,), (160,)), ((49, 10), (16, 10)),
 @pytest.mark.parametrize("shape,cells", POOLS)
 @pytest.mark.parametrize("b", [0, 1, 3, 64])
 def test_route_pool_matches_twin_byte_for_byte(nat, shape, cells, b):
-    """The kernel pools a row as the twin's pool_rows does, byte for byte (-0.0, inf and
-    NaN included): its decision equals the unpooled kernel's on the twin's pooled rows."""
+    """The kernel pools a row as the twin's pool_rows does, byte for byte (-0.0 and inf
+    included; NaN where the twin has NaN): its decision equals the unpooled kernel's on the
+    twin's pooled rows. A sum of two NaNs keeps either one's payload (IEEE 754 leaves it
+    open): numpy 2.2's vectorized add (JetPack's Python 3.10 venv) keeps the other operand's
+    than C and numpy 2.4 do, so NaN payloads are not compared."""
     import math
 
     rng = _rng("route-pool", shape, b)
@@ -684,10 +687,20 @@ def test_route_pool_matches_twin_byte_for_byte(nat, shape, cells, b):
             got = pooled.decide(x, temp, floor, thr, unknown_task)
             want = plain.decide(v, temp, floor, thr, unknown_task)
             for a, c in zip(got, want, strict=True):
-                _same_bytes(a, c)
+                _same_bytes_any_nan(a, c)
             for a, c in zip(twin.decide(x, temp, floor, thr, unknown_task),
                             twin_plain.decide(v, temp, floor, thr, unknown_task), strict=True):
-                _same_bytes(a, c)
+                _same_bytes_any_nan(a, c)
+
+
+def _same_bytes_any_nan(a: np.ndarray, b: np.ndarray) -> None:
+    """Byte for byte, but a NaN equals a NaN of any payload (the same positions)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    if a.dtype.kind == "f":
+        na, nb = np.isnan(a), np.isnan(b)
+        assert (na == nb).all()
+        a, b = np.where(na, a.dtype.type(np.nan), a), np.where(nb, b.dtype.type(np.nan), b)
+    _same_bytes(a, b)
 
 
 @pytest.mark.parametrize("shape,cells", POOLS)

