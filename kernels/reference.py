@@ -341,9 +341,9 @@ def pool_rows(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """[B, n_in] -> [B, d]: ``v[:, c] = -0.0 + x[:, pool[0, c]] + x[:, pool[1, c]] + ...``
     added in ascending j (-1: nothing), the order of the C kernel, so the two agree byte
     for byte (but for which payload a sum of two NaNs keeps: IEEE 754 leaves it open and
-    numpy's loops differ between versions). -0.0 is the exact identity of a float sum: a cell's first value comes out
-    unchanged (a signaling NaN quieted, as C's add does), and the -0.0 column appended for
-    index -1 adds nothing."""
+    numpy's loops differ between versions). -0.0 is the exact identity of a float sum: a
+    cell's first value comes out unchanged (a signaling NaN quieted, as C's add does), and
+    the -0.0 column appended for index -1 adds nothing."""
     g = np.concatenate([x, np.full((len(x), 1), -0.0, x.dtype)], axis=1)[:, pool]  # [B, m, d]
     v = np.add(g[:, 0], x.dtype.type(-0.0), out=np.empty((len(x), pool.shape[1]), x.dtype))
     for j in range(1, len(pool)):
