@@ -206,13 +206,7 @@ class Problem:
         if not names:
             return None
         if not self._starts:
-            params = self.frozen_params()
-            for i in range(0, len(self.x), self.chunk):
-                vals = T.prefix_values(self.graph, params, self.x[i : i + self.chunk], self.wanted)
-                for v in names:
-                    if v not in self._starts:
-                        self._starts[v] = np.empty((len(self.x), *vals[v].shape[1:]), dtype=vals[v].dtype)
-                    self._starts[v][i : i + self.chunk] = vals[v]
+            self._starts = T.prefix_values(self.graph, self.frozen_params(), self.x, self.wanted, self.chunk)
         out = {v: self._starts[v][idx] for v in names}
         if self.graph.input.name in c.starts:
             out[self.graph.input.name] = self.x[idx]
