@@ -210,6 +210,35 @@ def _suffix_peak(graph: Graph, wanted: set[str], batch: int) -> int:
     return max(peak, _backward_peak(graph, shapes, held, wanted))
 
 
+def _chunk_within(peak, batch: int, limit: int) -> int:
+    """The batch when ``peak(batch) <= limit``, else the most samples ``c`` whose
+    ``peak(c)`` stays within ``limit`` (at least 1); ``peak`` grows with the samples."""
+    if peak(batch) <= limit:
+        return batch
+    chunk = max(1, min(batch, limit // max(1, peak(1))))
+    while chunk > 1 and peak(chunk) > limit:
+        chunk -= 1
+    return chunk
+
+
+def _prefix_split(graph: Graph, wanted: set[str], batch: int) -> tuple[int, int, int] | None:
+    """(chunk, the prefix's peak at the chunk, the trained part's peak at ``batch``) for
+    :func:`prefix_chunk` and :func:`activation_bytes`; None without a frozen prefix to
+    cache (nothing trained, or the trained part starts at the input)."""
+    if not wanted or not cut(graph, wanted).cached(graph):
+        return None
+    suffix = _suffix_peak(graph, wanted, batch)
+    peaks: dict[int, int] = {}
+
+    def peak(c: int) -> int:
+        if c not in peaks:
+            peaks[c] = _prefix_peak(graph, wanted, c)
+        return peaks[c]
+
+    chunk = _chunk_within(peak, batch, max(suffix, SLACK))
+    return chunk, peak(chunk), suffix
+
+
 def prefix_chunk(graph: Graph, wanted: Sequence[str] | set[str], batch: int) -> int:
     """The samples the learner runs the frozen prefix over at once, for a trained part
     ``wanted`` at ``batch``: the batch, unless the prefix's activations at the batch would
@@ -218,33 +247,21 @@ def prefix_chunk(graph: Graph, wanted: Sequence[str] | set[str], batch: int) -> 
     layers (MobileNetV2 at 224x224: ~150 MiB a value at batch 32) then cost what the
     trained part costs, not the peak of the whole learning run. Forward only and per
     sample: the start values are the same bytes at any chunk (see :mod:`.train_numpy`)."""
-    wanted, batch = set(wanted), max(1, int(batch))
-    if not wanted or not cut(graph, wanted).cached(graph):
-        return batch
-    per_sample = _prefix_peak(graph, wanted, 1)
-    limit = max(_suffix_peak(graph, wanted, batch), SLACK)
-    chunk = max(1, min(batch, limit // max(1, per_sample)))
-    while chunk > 1 and _prefix_peak(graph, wanted, chunk) > limit:
-        chunk -= 1
-    return chunk
+    batch = max(1, int(batch))
+    split = _prefix_split(graph, set(wanted), batch)
+    return batch if split is None else split[0]
 
 
 def feature_chunk(graph: Graph, batch: int) -> int:
     """The samples a method that trains no site (head mode) computes the features of at
     once: the batch, unless the forward's activations at the batch exceed the plan's slack
     (the head's own step is a few ``[B, F]`` arrays); then the most samples within it."""
-    batch = max(1, int(batch))
 
     def peak(c: int) -> int:
         return _forward_peak(graph, graph.backbone_nodes, graph.shapes(c), {graph.input.name},
                              {graph.features})[0]
 
-    if peak(batch) <= SLACK:
-        return batch
-    chunk = max(1, min(batch, SLACK // max(1, peak(1))))
-    while chunk > 1 and peak(chunk) > SLACK:
-        chunk -= 1
-    return chunk
+    return _chunk_within(peak, max(1, int(batch)), SLACK)
 
 
 def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] = ()) -> int:
@@ -253,13 +270,13 @@ def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] 
     learner runs the frozen prefix in chunks (:func:`prefix_chunk` below the batch), the
     prefix's peak is at the chunk, beside the batch's start values it fills."""
     wanted = set(wanted)
-    chunk = prefix_chunk(graph, wanted, batch)
-    if chunk < batch:
-        c = cut(graph, wanted)
-        size = _sizer(graph, graph.shapes(batch))
-        starts = sum(size(v) for v in c.cached(graph)) + size(graph.input.name)
-        return max(_prefix_peak(graph, wanted, chunk) + starts, _suffix_peak(graph, wanted, batch))
+    split = _prefix_split(graph, wanted, batch)
     shapes = graph.shapes(batch)
+    if split is not None and split[0] < batch:
+        chunk, prefix, suffix = split
+        size = _sizer(graph, shapes)
+        starts = sum(size(v) for v in cut(graph, wanted).cached(graph)) + size(graph.input.name)
+        return max(prefix + starts, suffix)
     keep = kept_values(graph, wanted) | {graph.features}
     peak, held = _forward_peak(graph, graph.backbone_nodes, shapes, {graph.input.name}, keep)
     return max(peak, _backward_peak(graph, shapes, held, wanted))
