@@ -137,6 +137,37 @@ def test_relu_never_writes_into_the_callers_input():
     assert np.array_equal(x, keep)
 
 
+def test_relu_gives_the_bytes_of_maximum_with_zero():
+    """Relu's fast path (clip, then + 0) keeps max(x, 0)'s bytes on every special value:
+    -0.0 -> +0.0, NaN payloads and signs kept, infinities, subnormals; its backward is
+    gy * (x > 0) (a NaN or inf gradient times 0 stays NaN), without touching its inputs."""
+    special = np.array([-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-45, 3.0, -2.0], np.float32)
+    payloads = np.array([0x7FC00001, 0xFFC00123], np.uint32).view(np.float32)
+    x = np.concatenate([np.tile(np.concatenate([special, payloads]), 50), f32(1008)]).reshape(3, 8, -1)
+    x.setflags(write=False)
+    relu = get_op("Relu")
+    (y,) = relu.forward([x], {})
+    assert y.dtype == np.float32 and np.array_equal(y.view(np.uint32), np.maximum(x, 0).view(np.uint32))
+    gy = np.tile(np.array([np.inf, np.nan, -1.0, 2.0], np.float32), x.size // 4 + 1)
+    gy = gy[: x.size].reshape(x.shape)
+    (gx,) = relu.backward([x], [y], [gy], {}, [True])
+    assert np.array_equal(gx.view(np.uint32), (gy * (x > 0)).view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3, 2), (4, 5, 3, 2), (3, 5, 7), (2, 6, 1, 1)])
+def test_conv_channel_bias_adds_as_broadcasting_does(shape):
+    from edgecl.runtime.ops.nn import add_channel_bias
+
+    y, b = f32(*shape), f32(shape[1])
+    want = y + b.reshape(1, -1, *([1] * (len(shape) - 2)))
+    add_channel_bias(y, b)
+    assert np.array_equal(y, want)
+    t = f32(shape[1], shape[0], *shape[2:]).swapaxes(0, 1)  # not contiguous: the broadcast path
+    want = t + b.reshape(1, -1, *([1] * (len(shape) - 2)))
+    add_channel_bias(t, b)
+    assert np.array_equal(t, want)
+
+
 def test_conv_and_clip_never_write_into_their_inputs():
     """Every Conv path (1x1, depthwise in C, im2col) and Clip, forward and backward: the
     inputs (which may be the caller's arrays or read-only weights) keep their bytes, and

@@ -98,10 +98,24 @@ class Relu(_Unary):
 
     def forward(self, xs, a):
         # Never in place: the input may be the caller's array or another node's input.
-        return [np.maximum(xs[0], 0)]
+        # numpy's SIMD clip loop, then + 0 to turn clip's -0.0 into max(x, 0)'s +0.0 (NaN
+        # payloads pass both unchanged): the bytes of np.maximum(x, 0) in ~45 % of its
+        # time ([32, 64, 25, 5] float32: 97 -> 44 us, numpy 2.4).
+        x = xs[0]
+        if x.dtype.kind != "f":
+            return [np.maximum(x, 0)]
+        zero = x.dtype.type(0)
+        y = np.clip(x, zero, x.dtype.type(np.inf))
+        y += zero
+        return [y]
 
     def backward(self, xs, ys, gys, a, need):
-        return [gys[0] * (xs[0] > 0)]
+        # a 0/1 mask in the gradient's dtype, multiplied in place (as Clip's): the same
+        # products as gy * (x > 0) without numpy's bool-to-float cast inside the multiply
+        gy = gys[0]
+        g = np.greater(xs[0], 0).astype(gy.dtype)
+        g *= gy
+        return [g]
 
     def torch(self, xs, a):
         import torch.nn.functional as F
