@@ -569,15 +569,48 @@ EK_INLINE void dw_forward_flat(float *restrict yp, float *restrict Y, const floa
 
 /* Narrow planes (W < 16), 3x3, stride 1, the output the input's size ("same" padding):
  * the per-row padding and copying of the general paths cost more than the arithmetic on
- * such planes (DS-CNN's 25x5). Here a plane is one memcpy into a scratch with pt zero rows
- * above, pb below and G zeros either side, and every tap is one flat pass over the plane
- * (row pitch W) whose lanes outside their row are masked to 0: the same products as the
- * padded plane's (w * 0 for the padding), so the forward still matches the twin byte for
- * byte. DS-CNN's [32, 64, 25, 5]: forward 0.59 -> 0.28 ms, weight gradient 0.68 -> 0.24. */
+ * such planes (DS-CNN's 25x5). Here a plane is copied into a scratch with zero rows
+ * above and below (and a few zeros either side), and every tap (i, j) reads that plane
+ * flat, with row pitch W, at k + R[i] + s[j] for the output index k: the reads that fall
+ * off their row are zeroed by an AND with the tap column's 0 / ~0 lane mask, so the
+ * products are the twin's (w * 0 for the padding: NaN for an infinite w) and the forward
+ * matches it byte for byte. The loops run in whole blocks of DW_VL lanes (the output's
+ * extra lanes are written into the next output plane, written after, or for the last
+ * one into a scratch plane); the next input plane is copied into the other of two
+ * scratch planes before this one is read (reads that straddle recent stores would wait
+ * for them). The weight gradient keeps its 8 partial sums per tap (lane l takes the flat
+ * indices k = l mod 8, plane after plane in n: the same sums in the same order as before)
+ * for all output channels in a table, so that the planes are read in memory order; a tap
+ * off the row adds gy * 0, as the twin's padding does (not 0 * the next row's x, which
+ * was NaN for an infinite x). The common geometry (dilation 1, pads 1: constant offsets,
+ * no mask on the middle column) and the others each run in a function of its own.
+ * DS-CNN's [32, 64, 25, 5], one thread, best of 20 through the Python API: forward
+ * 0.29 -> 0.12 ms (grad-input, the same forward, 0.31 -> 0.135), weight gradient
+ * 0.21 -> 0.135; [32, 96, 12, 12]: 0.40 -> 0.215 and 0.31 -> 0.215. (Before: one pass per
+ * tap with byte masks, 0.59 -> 0.28 and 0.68 -> 0.24 over the padded planes. Tried and
+ * slower: three pre-masked copies of each plane, one per tap column, read without masks;
+ * an x86-64-v4 (AVX-512) clone, 30% slower on Zen 4; the last partial block of the weight
+ * gradient as a vector block, blended or with zero-padded gy.) */
+#define DW_VL 16
+
+#if defined(__GNUC__)
+#define EK_NOINLINE __attribute__((noinline))
+#else
+#define EK_NOINLINE
+#endif
+
+typedef union {
+    float f;
+    uint32_t u;
+} ek_bits; /* a float's bits, moved and masked as such (no arithmetic on the float) */
+
 typedef struct {
-    float *S, *B;        /* the scratch, and the plane's first element in it */
-    unsigned char *mask; /* [kw][H * W]: tap column j reads inside the row at flat k */
-    int64_t r[3], d1, d2; /* tap (i, j) reads B[k + r[i] + j * dw]; d1, d2 = dw, 2 * dw */
+    float *mem;      /* the one allocation (zeroed): the planes, the masks, the spare output */
+    float *P[2];     /* [HW] each; pt * W + 2 * dw zeros before, L - HW + pb * W + 2 * dw after */
+    uint32_t *mask;  /* [3][L]: ~0 where tap column j reads inside the row, else 0 */
+    float *Y;        /* [L]: the last output plane, before its HW values are copied out */
+    int64_t HW, L, R[3], s[3];
+    int unit;        /* dw = pl = 1, pt = dh: s = (-1, 0, 1), R[1] = 0 (DS-CNN's, MobileNet's) */
 } dw_same_t;
 
 EK_INLINE int dw_same_fits(int64_t H, int64_t W, int64_t M, int64_t kh, int64_t kw, int64_t sh,
@@ -586,116 +619,219 @@ EK_INLINE int dw_same_fits(int64_t H, int64_t W, int64_t M, int64_t kh, int64_t 
     return sh == 1 && sw == 1 && Ho == H && Wo == W && kh == 3 && kw == 3 && W < 16;
 }
 
-EK_INLINE int dw_same_init(dw_same_t *s, int64_t H, int64_t W, int64_t kw, int64_t dh, int64_t dw,
-                           int64_t pt, int64_t pl) {
-    const int64_t pb = 2 * dh - pt, pr = (kw - 1) * dw - pl;
-    const int64_t G = (pl > pr ? pl : pr) + 8; /* + 8: whole-vector reads past the plane */
-    s->S = (float *)calloc((size_t)(2 * G + (pt + H + pb) * W), sizeof(float));
-    s->mask = (unsigned char *)malloc((size_t)(kw * H * W));
-    if (!s->S || !s->mask) {
-        free(s->S);
-        free(s->mask);
-        return -1;
+EK_INLINE int dw_same_init(dw_same_t *s, int64_t H, int64_t W, int64_t dh, int64_t dw, int64_t pt,
+                           int64_t pl) {
+    const int64_t HW = H * W, L = (HW + DW_VL - 1) / DW_VL * DW_VL, pb = 2 * dh - pt;
+    const int64_t before = pt * W + 2 * dw, stride = before + L + pb * W + 2 * dw;
+    s->mem = (float *)calloc((size_t)(2 * stride + 4 * L), sizeof(float));
+    if (!s->mem) return -1;
+    s->P[0] = s->mem + before;
+    s->P[1] = s->mem + stride + before;
+    s->mask = (uint32_t *)(s->mem + 2 * stride); /* calloc's zero bytes: 0u as well as 0.0f */
+    s->Y = s->mem + 2 * stride + 3 * L;
+    s->HW = HW;
+    s->L = L;
+    for (int64_t j = 0; j < 3; j++) {
+        s->R[j] = (j * dh - pt) * W;
+        s->s[j] = j * dw - pl;
+        for (int64_t r = 0; r < H; r++)
+            for (int64_t v = 0; v < W; v++)
+                s->mask[j * L + r * W + v] = v + s->s[j] >= 0 && v + s->s[j] < W ? ~0u : 0u;
     }
-    s->B = s->S + G + pt * W;
-    for (int64_t i = 0; i < 3; i++) s->r[i] = (i * dh - pt) * W - pl;
-    s->d1 = dw;
-    s->d2 = 2 * dw;
-    for (int64_t j = 0; j < kw; j++)
-        for (int64_t k = 0; k < H * W; k++) {
-            const int64_t v = k % W + j * dw - pl;
-            s->mask[j * H * W + k] = v >= 0 && v < W;
-        }
+    s->unit = s->s[0] == -1 && s->s[1] == 0 && s->s[2] == 1 && s->R[1] == 0;
     return 0;
+}
+
+/* Tap (i, j) of output k: the plane's element it reads, or +0.0f (all bits 0). The macros
+ * use the caller's t (an ek_bits), R0..R2, s0..s2, m0..m2 and unit. */
+#define DW_TAP(P, k, i, j) (t.f = (P)[(k) + R##i + s##j], t.u &= m##j[k], t.f)
+/* The middle column of the unit geometry (dw = pl = 1) reads inside the row everywhere. */
+#define DW_TAP1(P, k, i) (unit ? (P)[(k) + R##i] : DW_TAP(P, k, i, 1))
+
+EK_INLINE void dw_same_forward_plane(float *restrict Y, const float *restrict P,
+                                     const float *restrict wp, const uint32_t *restrict m0,
+                                     const uint32_t *restrict m1, const uint32_t *restrict m2,
+                                     int64_t L, int64_t R0, int64_t R1, int64_t R2, const int64_t s0,
+                                     const int64_t s1, const int64_t s2, const int unit) {
+    const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
+                w20 = wp[6], w21 = wp[7], w22 = wp[8];
+    for (int64_t k = 0; k < L; k++) {
+        ek_bits t;
+        float acc = 0.0f;
+        acc = acc + w00 * DW_TAP(P, k, 0, 0);
+        acc = acc + w01 * DW_TAP1(P, k, 0);
+        acc = acc + w02 * DW_TAP(P, k, 0, 2);
+        acc = acc + w10 * DW_TAP(P, k, 1, 0);
+        acc = acc + w11 * DW_TAP1(P, k, 1);
+        acc = acc + w12 * DW_TAP(P, k, 1, 2);
+        acc = acc + w20 * DW_TAP(P, k, 2, 0);
+        acc = acc + w21 * DW_TAP1(P, k, 2);
+        acc = acc + w22 * DW_TAP(P, k, 2, 2);
+        Y[k] = acc;
+    }
+}
+
+/* The plane loop of the forward, for one geometry: `unit` (a constant) for dw = pl = 1
+ * and pt = dh, where the column offsets are constants and the middle column needs no
+ * mask. */
+EK_INLINE void dw_same_forward_loop(const dw_same_t *s, const float *restrict x,
+                                    const float *restrict w, float *restrict y, int64_t N, int64_t C,
+                                    int64_t M, const int unit) {
+    const int64_t HW = s->HW, L = s->L, O = C * M, NC = N * C;
+    const uint32_t *restrict m0 = s->mask, *restrict m1 = m0 + L, *restrict m2 = m1 + L;
+    const int64_t R0 = s->R[0], R1 = unit ? 0 : s->R[1], R2 = s->R[2];
+    const int64_t s0 = unit ? -1 : s->s[0], s1 = unit ? 0 : s->s[1], s2 = unit ? 1 : s->s[2];
+    const float *yend = y + N * O * HW;
+    if (NC) memcpy(s->P[0], x, (size_t)HW * sizeof(float));
+    for (int64_t nc = 0; nc < NC; nc++) {
+        const int64_t n = nc / C, c = nc % C;
+        const float *restrict P = s->P[nc & 1];
+        if (nc + 1 < NC) memcpy(s->P[(nc + 1) & 1], x + (nc + 1) * HW, (size_t)HW * sizeof(float));
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t o = c * M + m;
+            float *yp = y + (n * O + o) * HW;
+            /* the L - HW extra lanes land in the next planes (written later) */
+            float *Y = yend - yp >= L ? yp : s->Y;
+            dw_same_forward_plane(Y, P, w + o * 9, m0, m1, m2, L, R0, R1, R2, s0, s1, s2, unit);
+            if (Y != yp) memcpy(yp, Y, (size_t)HW * sizeof(float));
+        }
+    }
+}
+
+/* Each geometry's loop a function by itself (cloned like the entry points): inlined
+ * together, in one function, the compiler kept fewer of the loops' pointers and sums in
+ * registers. */
+EK_HOT EK_NOINLINE static void dw_same_forward_unit(const dw_same_t *s, const float *x, const float *w,
+                                                    float *y, int64_t N, int64_t C, int64_t M) {
+    dw_same_forward_loop(s, x, w, y, N, C, M, 1);
+}
+
+EK_HOT EK_NOINLINE static void dw_same_forward_any(const dw_same_t *s, const float *x, const float *w,
+                                                   float *y, int64_t N, int64_t C, int64_t M) {
+    dw_same_forward_loop(s, x, w, y, N, C, M, 0);
 }
 
 EK_INLINE int dw_same_forward(const float *restrict x, const float *restrict w, float *restrict y,
                               int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t dh,
                               int64_t dw, int64_t pt, int64_t pl) {
     dw_same_t s;
-    if (dw_same_init(&s, H, W, 3, dh, dw, pt, pl)) return -1;
-    const int64_t HW = H * W, O = C * M;
-    const float *restrict B = s.B;
-    const unsigned char *restrict m0 = s.mask, *restrict m1 = s.mask + HW, *restrict m2 = s.mask + 2 * HW;
-    const int64_t r0 = s.r[0], r1 = s.r[1], r2 = s.r[2], d1 = s.d1, d2 = s.d2;
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            memcpy(s.B, x + (n * C + c) * HW, (size_t)HW * sizeof(float));
-            for (int64_t m = 0; m < M; m++) {
-                const int64_t o = c * M + m;
-                const float *restrict wp = w + o * 9;
-                const float w00 = wp[0], w01 = wp[1], w02 = wp[2], w10 = wp[3], w11 = wp[4], w12 = wp[5],
-                            w20 = wp[6], w21 = wp[7], w22 = wp[8];
-                float *restrict yp = y + (n * O + o) * HW;
-                for (int64_t k = 0; k < HW; k++) {
-                    float acc = 0.0f;
-                    acc = acc + w00 * (m0[k] ? B[k + r0] : 0.0f);
-                    acc = acc + w01 * (m1[k] ? B[k + r0 + d1] : 0.0f);
-                    acc = acc + w02 * (m2[k] ? B[k + r0 + d2] : 0.0f);
-                    acc = acc + w10 * (m0[k] ? B[k + r1] : 0.0f);
-                    acc = acc + w11 * (m1[k] ? B[k + r1 + d1] : 0.0f);
-                    acc = acc + w12 * (m2[k] ? B[k + r1 + d2] : 0.0f);
-                    acc = acc + w20 * (m0[k] ? B[k + r2] : 0.0f);
-                    acc = acc + w21 * (m1[k] ? B[k + r2 + d1] : 0.0f);
-                    acc = acc + w22 * (m2[k] ? B[k + r2 + d2] : 0.0f);
-                    yp[k] = acc;
-                }
-            }
-        }
-    free(s.S);
-    free(s.mask);
+    if (dw_same_init(&s, H, W, dh, dw, pt, pl)) return -1;
+    if (s.unit)
+        dw_same_forward_unit(&s, x, w, y, N, C, M);
+    else
+        dw_same_forward_any(&s, x, w, y, N, C, M);
+    free(s.mem);
     return 0;
+}
+
+/* One block of 8 lanes at k0: a[t][l] += g[k0 + l] * tap t of output k0 + l. */
+EK_INLINE void dw_same_gw_block(float a[9][8], const float *restrict g, const float *restrict P,
+                                const uint32_t *restrict m0, const uint32_t *restrict m1,
+                                const uint32_t *restrict m2, int64_t k0, int64_t R0, int64_t R1,
+                                int64_t R2, const int64_t s0, const int64_t s1, const int64_t s2,
+                                const int unit) {
+    for (int l = 0; l < 8; l++) {
+        const int64_t k = k0 + l;
+        const float gq = g[k];
+        ek_bits t;
+        a[0][l] = a[0][l] + gq * DW_TAP(P, k, 0, 0);
+        a[1][l] = a[1][l] + gq * DW_TAP1(P, k, 0);
+        a[2][l] = a[2][l] + gq * DW_TAP(P, k, 0, 2);
+        a[3][l] = a[3][l] + gq * DW_TAP(P, k, 1, 0);
+        a[4][l] = a[4][l] + gq * DW_TAP1(P, k, 1);
+        a[5][l] = a[5][l] + gq * DW_TAP(P, k, 1, 2);
+        a[6][l] = a[6][l] + gq * DW_TAP(P, k, 2, 0);
+        a[7][l] = a[7][l] + gq * DW_TAP1(P, k, 2);
+        a[8][l] = a[8][l] + gq * DW_TAP(P, k, 2, 2);
+    }
+}
+
+EK_INLINE void dw_same_gw_plane(float *restrict ap, const float *restrict g, const float *restrict P,
+                                const uint32_t *restrict m0, const uint32_t *restrict m1,
+                                const uint32_t *restrict m2, int64_t HW, int64_t R0, int64_t R1,
+                                int64_t R2, const int64_t s0, const int64_t s1, const int64_t s2,
+                                const int unit) {
+    float a[9][8];
+    for (int t = 0; t < 9; t++)
+        for (int l = 0; l < 8; l++) a[t][l] = ap[t * 8 + l];
+    const int64_t K8 = HW & ~(int64_t)7;
+    for (int64_t k = 0; k < K8; k += 8)
+        dw_same_gw_block(a, g, P, m0, m1, m2, k, R0, R1, R2, s0, s1, s2, unit);
+    for (int t = 0; t < 9; t++)
+        for (int l = 0; l < 8; l++) ap[t * 8 + l] = a[t][l];
+    /* the last lanes, where the plane ends inside a block of 8: each by itself (as a
+     * vector block, the compiler spilled the sums of the whole loop) */
+    for (int64_t k = K8; k < HW; k++) {
+        const float gq = g[k];
+        float *restrict al = ap + (k - K8);
+        ek_bits t;
+        al[0] = al[0] + gq * DW_TAP(P, k, 0, 0);
+        al[8] = al[8] + gq * DW_TAP1(P, k, 0);
+        al[16] = al[16] + gq * DW_TAP(P, k, 0, 2);
+        al[24] = al[24] + gq * DW_TAP(P, k, 1, 0);
+        al[32] = al[32] + gq * DW_TAP1(P, k, 1);
+        al[40] = al[40] + gq * DW_TAP(P, k, 1, 2);
+        al[48] = al[48] + gq * DW_TAP(P, k, 2, 0);
+        al[56] = al[56] + gq * DW_TAP1(P, k, 2);
+        al[64] = al[64] + gq * DW_TAP(P, k, 2, 2);
+    }
+}
+
+/* The plane loop of the weight gradient (see dw_same_forward_loop) */
+EK_INLINE void dw_same_gw_loop(const dw_same_t *s, const float *restrict x,
+                               const float *restrict gy, float *restrict acc, int64_t N, int64_t C,
+                               int64_t M, const int unit) {
+    const int64_t HW = s->HW, L = s->L, O = C * M, NC = N * C;
+    const uint32_t *restrict m0 = s->mask, *restrict m1 = m0 + L, *restrict m2 = m1 + L;
+    const int64_t R0 = s->R[0], R1 = unit ? 0 : s->R[1], R2 = s->R[2];
+    const int64_t s0 = unit ? -1 : s->s[0], s1 = unit ? 0 : s->s[1], s2 = unit ? 1 : s->s[2];
+    if (NC) memcpy(s->P[0], x, (size_t)HW * sizeof(float));
+    for (int64_t nc = 0; nc < NC; nc++) {
+        const int64_t n = nc / C, c = nc % C;
+        const float *restrict P = s->P[nc & 1];
+        if (nc + 1 < NC) memcpy(s->P[(nc + 1) & 1], x + (nc + 1) * HW, (size_t)HW * sizeof(float));
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t o = c * M + m;
+            dw_same_gw_plane(acc + o * 72, gy + (n * O + o) * HW, P, m0, m1, m2, HW, R0, R1, R2,
+                             s0, s1, s2, unit);
+        }
+    }
+}
+
+EK_HOT EK_NOINLINE static void dw_same_gw_unit(const dw_same_t *s, const float *x, const float *gy,
+                                               float *acc, int64_t N, int64_t C, int64_t M) {
+    dw_same_gw_loop(s, x, gy, acc, N, C, M, 1);
+}
+
+EK_HOT EK_NOINLINE static void dw_same_gw_any(const dw_same_t *s, const float *x, const float *gy,
+                                              float *acc, int64_t N, int64_t C, int64_t M) {
+    dw_same_gw_loop(s, x, gy, acc, N, C, M, 0);
 }
 
 EK_INLINE int dw_same_grad_weight(const float *restrict x, const float *restrict gy, float *restrict gw,
                                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t M, int64_t dh,
                                   int64_t dw, int64_t pt, int64_t pl) {
-    /* gm[j]: the output gradient with the lanes where tap column j reads outside the row
-     * zeroed, to whole vectors; the nine taps in one pass, in 8 partial sums each */
+    /* acc[o][t][l]: the partial sums, the nine taps in one pass over the plane */
     dw_same_t s;
-    if (dw_same_init(&s, H, W, 3, dh, dw, pt, pl)) return -1;
-    const int64_t HW = H * W, O = C * M, L = (HW + 7) & ~(int64_t)7;
-    float *gm = (float *)calloc((size_t)(3 * L), sizeof(float));
-    if (!gm) {
-        free(s.S);
-        free(s.mask);
+    if (dw_same_init(&s, H, W, dh, dw, pt, pl)) return -1;
+    const int64_t O = C * M;
+    float *acc = (float *)calloc((size_t)(O * 72), sizeof(float));
+    if (!acc) {
+        free(s.mem);
         return -1;
     }
-    const float *restrict B = s.B;
-    const int64_t r0 = s.r[0], r1 = s.r[1], r2 = s.r[2], d1 = s.d1, d2 = s.d2;
-    const float *restrict g0 = gm, *restrict g1 = gm + L, *restrict g2 = gm + 2 * L;
-    for (int64_t o = 0; o < O; o++) {
-        float a[9][8];
-        for (int t = 0; t < 9; t++)
-            for (int l = 0; l < 8; l++) a[t][l] = 0.0f;
-        for (int64_t n = 0; n < N; n++) {
-            memcpy(s.B, x + (n * C + o / M) * HW, (size_t)HW * sizeof(float));
-            const float *restrict g = gy + (n * O + o) * HW;
-            for (int64_t j = 0; j < 3; j++)
-                for (int64_t k = 0; k < HW; k++) gm[j * L + k] = s.mask[j * HW + k] ? g[k] : 0.0f;
-            for (int64_t k = 0; k < L; k += 8)
-                for (int l = 0; l < 8; l++) {
-                    const int64_t q = k + l;
-                    a[0][l] = a[0][l] + g0[q] * B[q + r0];
-                    a[1][l] = a[1][l] + g1[q] * B[q + r0 + d1];
-                    a[2][l] = a[2][l] + g2[q] * B[q + r0 + d2];
-                    a[3][l] = a[3][l] + g0[q] * B[q + r1];
-                    a[4][l] = a[4][l] + g1[q] * B[q + r1 + d1];
-                    a[5][l] = a[5][l] + g2[q] * B[q + r1 + d2];
-                    a[6][l] = a[6][l] + g0[q] * B[q + r2];
-                    a[7][l] = a[7][l] + g1[q] * B[q + r2 + d1];
-                    a[8][l] = a[8][l] + g2[q] * B[q + r2 + d2];
-                }
-        }
+    if (s.unit)
+        dw_same_gw_unit(&s, x, gy, acc, N, C, M);
+    else
+        dw_same_gw_any(&s, x, gy, acc, N, C, M);
+    for (int64_t o = 0; o < O; o++)
         for (int t = 0; t < 9; t++) {
             float sum = 0.0f;
-            for (int l = 0; l < 8; l++) sum = sum + a[t][l];
+            for (int l = 0; l < 8; l++) sum = sum + acc[o * 72 + t * 8 + l];
             gw[o * 9 + t] = sum;
         }
-    }
-    free(gm);
-    free(s.S);
-    free(s.mask);
+    free(acc);
+    free(s.mem);
     return 0;
 }
 

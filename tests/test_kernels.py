@@ -886,6 +886,69 @@ def test_depthwise_conv_forward_bytes_with_special_weights(nat):
         _same_bytes(nat.depthwise_conv2d(x, w, **geo), ref.depthwise_conv2d(x, w, **geo))
 
 
+# More geometries of the masked flat path (narrow planes, 3x3, stride 1, "same"): its unit
+# geometry (dilation 1, pads 1 across; constant offsets, no mask on the middle column) with
+# planes of 1, of fewer than 8, of 16 and of 16k + 5 elements, with a channel multiplier,
+# with an odd number of planes; pt = dh = 2 with dw = pl = 1 (unit columns, rows two
+# apart); and the general offsets (dilation 2 across, asymmetric pads).
+DW_SAME_CASES = [
+    ((2, 6, 25, 5), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((3, 5, 7, 3), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 3, 2, 3), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 4, 4, 4), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((1, 3, 12, 12), 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 3, 9, 7), 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((1, 1, 1, 1), 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((2, 3, 8, 5), 1, (3, 3), (1, 1), (2, 1, 2, 1), (2, 1)),
+    ((2, 3, 10, 6), 1, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((2, 4, 5, 7), 1, (3, 3), (1, 1), (0, 2, 2, 0), (1, 1)),
+    ((3, 2, 2, 15), 1, (3, 3), (1, 1), (2, 0, 0, 2), (1, 1)),
+]
+
+
+def _same_bytes_but_nan_payloads(a: np.ndarray, b: np.ndarray) -> None:
+    """Byte for byte, except that a NaN may carry another NaN's payload: where two NaNs
+    meet in a product or a sum, which one survives is the operand order the compiler chose
+    (the C's, or numpy's own kernels', which differ between numpy releases)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(nan, np.isnan(b))
+    assert a[~nan].tobytes() == b[~nan].tobytes()
+
+
+@pytest.mark.parametrize("case", DW_SAME_CASES, ids=[str(i) for i in range(len(DW_SAME_CASES))])
+def test_depthwise_conv_same_path_special_values(nat, case):
+    """The masked flat path with infinities, NaN payloads, -0.0 and a huge finite value in
+    the input, the weights and the output gradient. Forward and grad-input: the twin's
+    bytes with the specials in the weights (the padding's products w * 0 included, as the
+    twin's), and with specials in the data too, but for which NaN payload survives where
+    two NaNs meet. Grad-weight: the twin's NaNs and infinities where it has them (a tap
+    off the row adds gy * 0, never 0 * x of a neighbouring column), its values to float32
+    rounding elsewhere. On finite inputs, PyTorch's."""
+    x, w, gy, geo = _dw_case(case)
+    rng = _rng("dw-special", case)
+    xs, ws, gys = _weights(rng, x.shape), _weights(rng, w.shape), _weights(rng, gy.shape)
+    for (xx, ww, gg), same in (((x, w, gy), _same_bytes), ((x, ws, gy), _same_bytes),
+                               ((xs, w, gys), _same_bytes_but_nan_payloads),
+                               ((xs, ws, gys), _same_bytes_but_nan_payloads)):
+        with np.errstate(invalid="ignore", over="ignore"):
+            same(nat.depthwise_conv2d(xx, ww, **geo), ref.depthwise_conv2d(xx, ww, **geo))
+            same(nat.depthwise_conv2d_grad_input(gg, ww, xx.shape, **geo),
+                 ref.depthwise_conv2d_grad_input(gg, ww, xx.shape, **geo))
+            gw = nat.depthwise_conv2d_grad_weight(xx, gg, (3, 3), **geo)
+            gw_ref = ref.depthwise_conv2d_grad_weight(xx, gg, (3, 3), **geo)
+            big = np.nanmax(np.abs(np.where(np.isinf(gg), np.nan, gg))) * np.nanmax(
+                np.abs(np.where(np.isinf(xx), np.nan, xx)))
+        terms = xx.shape[0] * xx.shape[2] * xx.shape[3]
+        np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-6 * terms * big, equal_nan=True)
+    ty, tgx, tgw = _dw_torch(x, w, gy, geo)
+    gx = nat.depthwise_conv2d_grad_input(gy, w, x.shape, **geo)
+    gw = nat.depthwise_conv2d_grad_weight(x, gy, (3, 3), **geo)
+    np.testing.assert_allclose(nat.depthwise_conv2d(x, w, **geo), ty, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, tgx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, tgw, rtol=1e-4, atol=1e-4)
+
+
 def test_depthwise_conv_out_buffers_and_readonly_inputs(nat):
     x, w, gy, geo = _dw_case(DW_CASES[1])
     for a in (x, w, gy):
