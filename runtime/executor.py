@@ -2,8 +2,10 @@
 
 Every other backend must match this one (to 1e-5 against PyTorch on the small models,
 1e-4 on the zoo). Values are freed after their last use, so peak memory is the live
-set, not the whole graph. Nothing is computed in place: an op never writes into its
-inputs, which may be the caller's arrays or mapped, read-only weights.
+set, not the whole graph. An op never writes into the caller's arrays or the weights
+(which may be mapped, read-only); the only thing computed in place is an activation
+over the fresh output of the node before it, when nothing else reads that
+(``Graph.inplace``, :func:`run_node`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ def _last_use(nodes: list[Node], keep: set[str]) -> dict[str, int]:
     return last
 
 
-def _run_node(n: Node, xs: list[np.ndarray]) -> list[np.ndarray]:
+def run_node(graph: Graph, n: Node, xs: list[np.ndarray], ran: set[str]) -> list[np.ndarray]:
+    """The outputs of node ``n`` on ``xs``, in one pass of a forward: ``ran`` holds the
+    names of the nodes this pass has run (``n`` is added). In place over ``xs[0]`` when
+    ``graph.inplace`` allows it and that value's producer ran in this pass."""
+    op = get_op(n.op)
     try:
-        return get_op(n.op).forward(xs, n.attrs)
+        ys = op.forward_inplace(xs, n.attrs) if graph.inplace.get(n.name) in ran else op.forward(xs, n.attrs)
     except OpError as e:
         raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
+    ran.add(n.name)
+    return ys
 
 
 @dataclass
@@ -60,9 +68,10 @@ def value(graph: Graph, params: Params, x: np.ndarray, name: str, *, tape: Tape 
         nodes = nodes[: cut + 1]
     values: dict[str, np.ndarray] = {graph.input.name: x}
     last = _last_use(nodes, {name})
+    ran: set[str] = set()
     for i, n in enumerate(nodes):
         xs = [values[v] if v in values else params[v] for v in n.inputs]
-        for v, y in zip(n.outputs, _run_node(n, xs), strict=True):
+        for v, y in zip(n.outputs, run_node(graph, n, xs, ran), strict=True):
             values[v] = y
         if tape is None:
             for v in n.inputs:

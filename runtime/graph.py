@@ -207,6 +207,28 @@ class Graph:
                 need |= set(n.inputs)
         return keep[::-1]
 
+    @cached_property
+    def inplace(self) -> dict[str, str]:
+        """Nodes whose forward may write over their input 0: node name -> the name of the
+        node that makes that input. An executor runs a node in place only when that
+        producer ran in the same pass (the array is the pass's own, not the caller's input,
+        a parameter or a cached value). Here: an ``inplace`` op (Relu, Clip) whose input 0
+        is made by a ``fresh_output`` op (Conv, Linear, Add, BatchNormalization: never a
+        view, never read by its own backward), is read by no other node, and is not the
+        features. The backward then finds the output under the input's name too, which the
+        in-place op's backward allows. Saves a pass over a fresh array and, in training,
+        one kept activation per Conv -> Relu."""
+        made = {o: n for n in self.nodes for o in n.outputs}
+        uses = self.consumers()
+        out = {}
+        for n in self.nodes:
+            v = n.inputs[0] if n.inputs else None
+            p = made.get(v)
+            if (p is not None and get_op(n.op).inplace and get_op(p.op).fresh_output
+                    and v != self.features and len(uses.get(v, ())) == 1 and n.inputs.count(v) == 1):
+                out[n.name] = p.name
+        return out
+
     def maskable_sites(self) -> list[MaskSite]:
         """Every weight a task could mask (Conv, Linear and Gather tables)."""
         return self._all_sites()

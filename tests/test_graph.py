@@ -168,6 +168,27 @@ def test_conv_channel_bias_adds_as_broadcasting_does(shape):
     assert np.array_equal(t, want)
 
 
+def test_in_place_only_over_a_fresh_value_nothing_else_reads():
+    """``Graph.inplace``: a Relu or Clip over the output of a Conv, Linear, Add or
+    BatchNormalization that nothing else reads; never over a view (Flatten of the caller's
+    input), an output its producer's backward reads (Sigmoid), a value with two readers,
+    the graph input or the features."""
+    p = [Param("w", (4, 4), "weight")]
+    g = _mini([Node("fc", "Linear", ("x", "w"), ("h",)), Node("r", "Relu", ("h",), ("y",)),
+               Node("s", "Sigmoid", ("y",), ("z",)), Node("r2", "Relu", ("z",), ("u",)),
+               Node("a", "Add", ("u", "u"), ("v",)), Node("c", "Clip", ("v",), ("c1",), {"max": 6.0}),
+               Node("fc2", "Linear", ("c1", "w"), ("k",)), Node("r3", "Relu", ("k",), ("m",)),
+               Node("r4", "Relu", ("k",), ("n",)), Node("sum", "Add", ("m", "n"), ("o",)),
+               Node("fc3", "Linear", ("o", "w"), ("f",)), Node("r5", "Relu", ("f",), ("q",)),
+               Node("out", "Add", ("f", "q"), ("feat",))], p, "feat")
+    assert g.inplace == {"r": "fc", "c": "a"}
+    g = _mini([Node("flat", "Flatten", ("x",), ("f",)), Node("r", "Relu", ("f",), ("y",)),
+               Node("fc", "Linear", ("y", "w"), ("h",)), Node("r2", "Relu", ("h",), ("feat",))], p, "feat")
+    assert g.inplace == {"r2": "fc"}  # Relu on the features' producer is fine; the features is r2's output
+    g = _mini([Node("fc", "Linear", ("x", "w"), ("h",)), Node("r", "Relu", ("h",), ("y",))], p, "h")
+    assert g.inplace == {}  # h is the features (the head reads it)
+
+
 def test_conv_and_clip_never_write_into_their_inputs():
     """Every Conv path (1x1, depthwise in C, im2col) and Clip, forward and backward: the
     inputs (which may be the caller's arrays or read-only weights) keep their bytes, and

@@ -299,6 +299,46 @@ def test_prefix_cache_step_is_the_uncached_gradient():
     assert set(tape.values) == T.kept_values(graph, wanted) | {graph.features}
 
 
+def test_activations_in_place_give_the_same_bytes_and_hold_less():
+    """ReLU6 over conv1's output and ReLU over BatchNormalization's run in place
+    (``Graph.inplace``); the features, and the loss and every gradient of a step (the whole
+    tape, and the trained part from cached start values) are the same bytes as with every
+    op out of place; the caller's input keeps its bytes; the tape holds less memory, and
+    the planner counts an in-place pair once."""
+    graph = _mobile_graph()
+    assert graph.inplace == {"relu6": "conv1", "relu": "bn"}
+    plain = _mobile_graph()
+    plain.__dict__["inplace"] = {}  # the cached property, emptied: every op out of place
+    params = _params(graph, 2)
+    rng = np.random.default_rng(3)
+    x, y = rng.random((6, *graph.input_shape), dtype=np.float32), np.array([0, 1, 2, 1, 0, 2])
+    keep = x.copy()
+    head = (rng.standard_normal((3, graph.feature_dim)).astype(np.float32), np.zeros(3, np.float32))
+    assert executor.features(graph, params, x).tobytes() == executor.features(plain, params, x).tobytes()
+    for k in (5, 2):  # every site (the whole tape), the last two (from the cached start values too)
+        wanted = {s.weight for s in graph.mask_sites()[-k:]}
+        want = T.grads(plain, params, head, x, y, wanted)
+        gots = [T.grads(graph, params, head, x, y, wanted)]
+        if k == 2:
+            start = T.prefix_values(graph, params, x, wanted)
+            gots.append(T.grads(graph, params, head, None, y, wanted, start=start))
+        for got in gots:
+            assert got[0] == want[0] and got[1].keys() == want[1].keys()
+            for a, b in zip([*got[1].values(), *got[2:]], [*want[1].values(), *want[2:]], strict=True):
+                assert a.tobytes() == b.tobytes()
+    assert np.array_equal(x, keep)
+    wanted = {s.weight for s in graph.mask_sites()}
+    _, tape = T.tape_forward(graph, params, x, wanted)
+    _, plain_tape = T.tape_forward(plain, params, x, wanted)
+
+    def held(t):  # bytes of the distinct arrays a tape holds
+        return sum({id(v): v.nbytes for v in t.values.values()}.values())
+
+    assert tape.values["c1"] is tape.values["r1"] and tape.values["b"] is tape.values["r2"]
+    assert held(tape) == held(plain_tape) - plain_tape.values["c1"].nbytes - plain_tape.values["b"].nbytes
+    assert planner.activation_bytes(graph, 6, wanted) < planner.activation_bytes(plain, 6, wanted)
+
+
 def test_a_large_inputs_frozen_prefix_runs_in_chunks_with_the_same_bytes():
     """On 128x128 inputs the frozen prefix (the stem conv's ~3 MB a sample) outgrows the
     trained part, so the learner runs it a few samples at a time (planner.prefix_chunk):

@@ -46,7 +46,9 @@ after their last use (the frozen prefix costs what inference costs); the backwar
 the kept values plus the gradients of the values still to be consumed. When the frozen
 prefix's activations at ``B`` would outgrow the trained part's (a large input's early
 layers), the learner runs the prefix a few samples at a time (:func:`prefix_chunk`) and
-its peak counts at that chunk, beside the batch's start values. At every node a
+its peak counts at that chunk, beside the batch's start values. An activation computed in
+place over the output of the node before it (``Graph.inplace``) shares that array and is
+counted once. At every node a
 working set is added: a node with a mask rule on a weight of shape ``[O, ...]`` works on
 its im2col windows, ``out / O * in[out_axis] * prod(weight.shape[2:])`` elements (exact
 for any Conv, grouped or depthwise; a Linear's input size), and a node with a
@@ -159,11 +161,29 @@ def _sizer(graph: Graph, shapes: Mapping[str, tuple[int, ...]]):
     return size
 
 
+def _storage(graph: Graph, nodes: Sequence) -> dict[str, str]:
+    """Value -> the value whose array it is, for the outputs of the nodes that run in place
+    in a pass over ``nodes`` (``Graph.inplace``, as :func:`edgecl.runtime.executor.run_node`
+    decides); every other value is its own array."""
+    ran, owner = set(), {}
+    for n in nodes:
+        if graph.inplace.get(n.name) in ran:
+            owner[n.outputs[0]] = owner.get(n.inputs[0], n.inputs[0])
+        ran.add(n.name)
+    return owner
+
+
+def _held(values: set[str], owner: Mapping[str, str], size) -> int:
+    """Bytes of the arrays behind ``values`` (an in-place output shares its input's)."""
+    return sum(size(v) for v in {owner.get(v, v) for v in values})
+
+
 def _forward_peak(graph: Graph, nodes: Sequence, shapes, alive: set[str],
                   keep: set[str]) -> tuple[int, set[str]]:
     """(peak bytes, the values alive at the end) of running ``nodes`` forward from the
     values ``alive``, each value freed after its last use unless in ``keep``."""
     size = _sizer(graph, shapes)
+    owner = _storage(graph, nodes)
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for v in n.inputs:
@@ -171,16 +191,17 @@ def _forward_peak(graph: Graph, nodes: Sequence, shapes, alive: set[str],
     alive, peak = set(alive), 0
     for i, n in enumerate(nodes):
         alive |= set(n.outputs)
-        peak = max(peak, sum(size(v) for v in alive) + _working(graph, n, shapes, size)[0])
+        peak = max(peak, _held(alive, owner, size) + _working(graph, n, shapes, size)[0])
         alive -= {v for v in n.inputs if last.get(v) == i and v not in keep}
     return peak, alive
 
 
-def _backward_peak(graph: Graph, shapes, held: set[str], wanted: set[str]) -> int:
-    """Peak bytes of the backward for ``wanted`` with the tape ``held``: a value's gradient
-    lives from its first consumer's backward to its producer's."""
+def _backward_peak(graph: Graph, shapes, held: set[str], wanted: set[str], ran: Sequence) -> int:
+    """Peak bytes of the backward for ``wanted`` with the tape ``held``, which the forward
+    over the nodes ``ran`` left: a value's gradient lives from its first consumer's
+    backward to its producer's."""
     size = _sizer(graph, shapes)
-    base = sum(size(v) for v in held)
+    base = _held(held, _storage(graph, ran), size)
     live = set(wanted)
     nodes = backward_nodes(graph, wanted)
     for n in nodes:
@@ -207,7 +228,7 @@ def _suffix_peak(graph: Graph, wanted: set[str], batch: int) -> int:
     shapes = graph.shapes(batch)
     keep = kept_values(graph, wanted) | {graph.features}
     peak, held = _forward_peak(graph, c.suffix, shapes, {graph.input.name, *c.starts}, keep)
-    return max(peak, _backward_peak(graph, shapes, held, wanted))
+    return max(peak, _backward_peak(graph, shapes, held, wanted, c.suffix))
 
 
 def _chunk_within(peak, batch: int, limit: int) -> int:
@@ -279,7 +300,7 @@ def activation_bytes(graph: Graph, batch: int, wanted: Sequence[str] | set[str] 
         return max(prefix + starts, suffix)
     keep = kept_values(graph, wanted) | {graph.features}
     peak, held = _forward_peak(graph, graph.backbone_nodes, shapes, {graph.input.name}, keep)
-    return max(peak, _backward_peak(graph, shapes, held, wanted))
+    return max(peak, _backward_peak(graph, shapes, held, wanted, graph.backbone_nodes))
 
 
 def prefix_cache_bytes(graph: Graph, wanted: Sequence[str] | set[str], n_samples: int) -> int:

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import executor
-from ..executor import Tape
-from ..graph import Graph, GraphError, Node
-from ..ops import OpError, get_op
+from ..executor import Tape, run_node
+from ..graph import Graph, Node
 
 Params = Mapping[str, np.ndarray]
 
@@ -137,20 +136,14 @@ def prefix_values(graph: Graph, params: Params, x: np.ndarray, wanted: Iterable[
         for name in n.inputs:
             last[name] = i
     values: dict[str, np.ndarray] = {graph.input.name: x}
+    ran: set[str] = set()
     for i, n in enumerate(c.prefix):
-        values.update(zip(n.outputs, _run(n, [values[v] if v in values else params[v] for v in n.inputs]),
-                          strict=True))
+        values.update(zip(n.outputs, run_node(graph, n, [values[v] if v in values else params[v]
+                                                         for v in n.inputs], ran), strict=True))
         for name in n.inputs:
             if last.get(name) == i and name in values and name not in keep:
                 del values[name]
     return {v: values[v] for v in c.cached(graph)}
-
-
-def _run(n: Node, xs: list[np.ndarray]) -> list[np.ndarray]:
-    try:
-        return get_op(n.op).forward(xs, n.attrs)
-    except OpError as e:
-        raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
 
 
 def suffix_forward(graph: Graph, params: Params, start: Mapping[str, np.ndarray],
@@ -159,9 +152,10 @@ def suffix_forward(graph: Graph, params: Params, start: Mapping[str, np.ndarray]
     ``Cut.starts``): only the suffix runs. The tape is what :func:`tape_forward` keeps."""
     c = cut(graph, wanted)
     values: dict[str, np.ndarray] = {v: start[v] for v in c.starts}
+    ran: set[str] = set()
     for n in c.suffix:
-        values.update(zip(n.outputs, _run(n, [values[v] if v in values else params[v] for v in n.inputs]),
-                          strict=True))
+        values.update(zip(n.outputs, run_node(graph, n, [values[v] if v in values else params[v]
+                                                         for v in n.inputs], ran), strict=True))
     return values[graph.features], Tape(nodes=list(c.suffix), values=values)
 
 
@@ -182,13 +176,10 @@ def tape_forward(graph: Graph, params: Params, x: np.ndarray,
         for name in n.inputs:
             last[name] = i
     values: dict[str, np.ndarray] = {graph.input.name: x}
+    ran: set[str] = set()
     for i, n in enumerate(nodes):
         xs = [values[name] if name in values else params[name] for name in n.inputs]
-        try:
-            ys = get_op(n.op).forward(xs, n.attrs)
-        except OpError as e:
-            raise GraphError(f"node {n.name!r} ({n.op}): {e}") from None
-        values.update(zip(n.outputs, ys, strict=True))
+        values.update(zip(n.outputs, run_node(graph, n, xs, ran), strict=True))
         for name in n.inputs:
             if last.get(name) == i and name in values and name not in keep:
                 del values[name]

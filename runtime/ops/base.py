@@ -73,6 +73,13 @@ class Op:
     mask: ClassVar[MaskRule | None] = None
     # whether ``backward`` is implemented (the on-device learner can run through it)
     differentiable: ClassVar[bool] = True
+    # In place (see ``Graph.inplace``): ``inplace`` ops may write their output over input 0
+    # (``forward_inplace``), and their backward gives the same gradients whether ``xs[0]``
+    # is the input or the output; ``fresh_output`` ops return a new array (never a view of
+    # an input or a parameter) and their backward never reads it, so an in-place successor
+    # may overwrite it.
+    inplace: ClassVar[bool] = False
+    fresh_output: ClassVar[bool] = False
 
     # -- validation ---------------------------------------------------------------
     def check_attrs(self, attrs: dict) -> dict:
@@ -100,6 +107,11 @@ class Op:
 
     def forward(self, xs: Sequence[np.ndarray], attrs: dict) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def forward_inplace(self, xs: Sequence[np.ndarray], attrs: dict) -> list[np.ndarray]:
+        """``forward``, its output written over ``xs[0]`` (only for ``inplace`` ops; the
+        executor calls it when it owns ``xs[0]`` and nothing reads it afterwards)."""
+        raise NotImplementedError(f"{self.name}: no in-place forward")
 
     def backward(self, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
                  gys: Sequence[np.ndarray], attrs: dict, need: Sequence[bool]) -> list[np.ndarray | None]:

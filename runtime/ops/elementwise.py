@@ -33,6 +33,7 @@ class _Binary(Op):
 
 class Add(_Binary):
     name, onnx_name, tvm_name = "Add", "Add", "add"
+    fresh_output = True
 
     def forward(self, xs, a):
         return [np.add(xs[0], xs[1])]
@@ -95,23 +96,31 @@ class _Unary(Op):
 
 class Relu(_Unary):
     name = "Relu"
+    inplace = True
 
     def forward(self, xs, a):
-        # Never in place: the input may be the caller's array or another node's input.
+        # A fresh output: the input may be the caller's array or another node's input.
+        return [self._relu(xs[0], None)]
+
+    def forward_inplace(self, xs, a):
+        return [self._relu(xs[0], xs[0])]
+
+    @staticmethod
+    def _relu(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         # numpy's SIMD clip loop, then + 0 to turn clip's -0.0 into max(x, 0)'s +0.0 (NaN
         # payloads pass both unchanged): the bytes of np.maximum(x, 0) in ~45 % of its
         # time ([32, 64, 25, 5] float32: 97 -> 44 us, numpy 2.4).
-        x = xs[0]
         if x.dtype.kind != "f":
-            return [np.maximum(x, 0)]
+            return np.maximum(x, 0, out=out)
         zero = x.dtype.type(0)
-        y = np.clip(x, zero, x.dtype.type(np.inf))
+        y = np.clip(x, zero, x.dtype.type(np.inf), out=out)
         y += zero
-        return [y]
+        return y
 
     def backward(self, xs, ys, gys, a, need):
-        # a 0/1 mask in the gradient's dtype, multiplied in place (as Clip's): the same
-        # products as gy * (x > 0) without numpy's bool-to-float cast inside the multiply
+        # where x > 0, which is where y > 0 (xs[0] may be either: see forward_inplace). A
+        # 0/1 mask in the gradient's dtype, multiplied in place (as Clip's): the same
+        # products as gy * (x > 0) without numpy's bool-to-float cast inside the multiply.
         gy = gys[0]
         g = np.greater(xs[0], 0).astype(gy.dtype)
         g *= gy
@@ -142,16 +151,22 @@ class Clip(_Unary):
 
     name = "Clip"
     attrs = {"min": (FLOAT, float("-inf")), "max": (FLOAT, float("inf"))}
+    inplace = True
 
     def forward(self, xs, a):
-        # One fresh output, never the input (it may be the caller's array or another
-        # node's input). np.clip with bounds of the input's dtype: numpy's SIMD clip loop
-        # (about 3x np.maximum then np.minimum in place, numpy 2.2-2.4).
+        # A fresh output (the input may be the caller's array or another node's input).
+        # np.clip with bounds of the input's dtype: numpy's SIMD clip loop (about 3x
+        # np.maximum then np.minimum in place, numpy 2.2-2.4).
         x = xs[0]
         return [np.clip(x, x.dtype.type(a["min"]), x.dtype.type(a["max"]))]
 
+    def forward_inplace(self, xs, a):
+        x = xs[0]
+        return [np.clip(x, x.dtype.type(a["min"]), x.dtype.type(a["max"]), out=x)]
+
     def backward(self, xs, ys, gys, a, need):
-        # the gradient passes where min < x < max: a 0/1 mask, multiplied in place
+        # the gradient passes where min < x < max, which is where min < y < max (xs[0] may
+        # be either: see forward_inplace; NaN passes neither): a 0/1 mask, multiplied in place
         x, gy = xs[0], gys[0]
         pas = np.greater(x, x.dtype.type(a["min"]))
         pas &= np.less(x, x.dtype.type(a["max"]))

@@ -169,6 +169,7 @@ class Conv(Op):
     param_roles = {1: "weight", 2: "bias"}
     n_inputs = (2, 3)
     mask = MaskRule(weight=1, bias=2, unit_axis=0, out_axis=1)
+    fresh_output = True
 
     def infer(self, shapes, a):
         x, w = shapes[0], shapes[1]
@@ -359,6 +360,7 @@ class Linear(Op):
     param_roles = {1: "weight", 2: "bias"}
     n_inputs = (2, 3)
     mask = MaskRule(weight=1, bias=2, unit_axis=0, out_axis=-1)
+    fresh_output = True
 
     def infer(self, shapes, a):
         x, w = shapes[0], shapes[1]

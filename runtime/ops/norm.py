@@ -14,6 +14,7 @@ class BatchNormalization(Op):
 
     name = "BatchNormalization"
     attrs = {"epsilon": (FLOAT, 1e-5)}
+    fresh_output = True
     param_roles = {1: "scale", 2: "bias", 3: "mean", 4: "var"}
     n_inputs = (5, 5)
 
