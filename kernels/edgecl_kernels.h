@@ -92,6 +92,10 @@ int ek_route_prototype(const ek_route_tables *tab, const void *x, int64_t B, flo
                        int64_t *out_task, int64_t *out_best, float *out_conf,
                        uint8_t *out_unknown, float *out_scores);
 
+/* Gradient through a clamp: out[i] = gy[i] * (lo < x[i] < hi ? 1.0f : 0.0f), for i < n
+ * (hi NaN: no upper bound, lo < x[i] only: ReLU). */
+void ek_clamp_grad(const float *gy, const float *x, float *out, int64_t n, float lo, float hi);
+
 /* Depthwise 2-D convolution, NCHW, no bias: one input channel per group and M output
  * channels per input channel (output channel o reads input channel o / M; O = C * M).
  * x [N, C, H, W], w [O, kh, kw] (OIHW with I = 1), y and gy [N, O, Ho, Wo], gx like x,

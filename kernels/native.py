@@ -17,7 +17,7 @@ from . import reference as R
 from ._native import ffi, lib
 
 NAME = "native"
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 if lib.ek_abi_version() != ABI_VERSION:
     raise ImportError(f"edgecl.kernels._native has ABI version {lib.ek_abi_version()}, "
@@ -297,6 +297,16 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
     return route
 
 
+# ---------------------------------------------------------------- activation gradients
+
+def clamp_grad(gy: np.ndarray, x: np.ndarray, lo: float = 0.0, hi: float | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    lo, hi, out = R.clamp_grad_args(gy, x, lo, hi, out)
+    if gy.size:
+        lib.ek_clamp_grad(_p(gy, "float[]"), _p(x, "float[]"), _p(out, "float[]"), gy.size, lo, hi)
+    return out
+
+
 # ---------------------------------------------------------------- depthwise convolution
 
 def _dw_dims(geo):
@@ -358,6 +368,6 @@ for _name in ("materialize_bits", "materialize_units", "pack", "unpack", "owner_
               "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
               "masked_sgd_momentum_", "masked_adam_", "score_step_", "route_prototype",
               "prepare_route_prototype", "depthwise_conv2d", "depthwise_conv2d_grad_input",
-              "depthwise_conv2d_grad_weight"):
+              "depthwise_conv2d_grad_weight", "clamp_grad"):
     globals()[_name].__doc__ = getattr(R, _name).__doc__
 del _name

@@ -438,6 +438,33 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
     return route
 
 
+# ---------------------------------------------------------------- activation gradients
+
+def clamp_grad_args(gy, x, lo, hi, out) -> tuple[float, float, np.ndarray]:
+    C.f32("gy", gy)
+    C.f32("x", x)
+    C.same_shape("x", x, "gy", gy)
+    out = C.out_array("out", out, gy.shape, np.float32)
+    C.no_overlap(gy=gy, out=out)
+    C.no_overlap(x=x, out=out)
+    return float(lo), float("nan") if hi is None else float(hi), out
+
+
+def clamp_grad(gy: np.ndarray, x: np.ndarray, lo: float = 0.0, hi: float | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """The gradient through a clamp: ``gy * (lo < x < hi)`` (``hi`` None: ``gy * (x > lo)``,
+    ReLU's), the indicator as 1.0 / 0.0, so a dropped lane is ``gy * 0`` (NaN for an
+    infinite ``gy``), as numpy's product with a bool mask. ``x`` may be the clamp's input or
+    its output (the same indicator)."""
+    lo, hi, out = clamp_grad_args(gy, x, lo, hi, out)
+    f = np.float32
+    keep = np.greater(x, f(lo))
+    if hi == hi:  # not NaN
+        keep &= np.less(x, f(hi))
+    np.multiply(gy, keep, out=out)
+    return out
+
+
 # ---------------------------------------------------------------- depthwise convolution
 
 def _ints(name: str, v, n: int, least: int) -> tuple[int, ...]:

@@ -185,6 +185,28 @@ def test_threshold_mask(nat, n):
         _same_bytes(nat.threshold_mask(s, thr), want)
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 31, 33, 1000, 4097])
+def test_clamp_grad_matches_twin_and_numpys_masked_product(nat, n):
+    """gy * (lo < x < hi), the indicator as 1.0 / 0.0: the C, its twin and numpy's product
+    with a bool mask are the same bytes with infinities, -0.0 and NaN payloads in gy and x
+    (a dropped lane is gy * 0: -0.0 for a negative gy, NaN for an infinite one), for ReLU
+    (no upper bound), ReLU6, an unbounded clamp and an empty band."""
+    rng = _rng("clamp", n)
+    gy, x = _weights(rng, n), _weights(rng, n)
+    x[: n // 4] = np.resize(np.array([0.0, 6.0, np.inf, -np.inf, -0.0], np.float32), n // 4)
+    for lo, hi in ((0.0, None), (0.0, 6.0), (-np.inf, np.inf), (1.0, 1.0)):
+        keep = x > np.float32(lo)
+        if hi is not None:
+            keep &= x < np.float32(hi)
+        with np.errstate(invalid="ignore"):
+            want = gy * keep
+        _same_bytes(ref.clamp_grad(gy, x, lo, hi), want)
+        _same_bytes(nat.clamp_grad(gy, x, lo, hi), want)
+        out = np.full(n, 7.0, np.float32)
+        assert nat.clamp_grad(gy, x, lo, hi, out=out) is out
+        _same_bytes(out, want)
+
+
 # ---------------------------------------------------------------- mask algebra
 
 
@@ -398,6 +420,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(impl_name):
         (lambda: impl.masked_adam_(w, w.copy(), w.copy(), w.copy().astype(np.float16), bits, 0.1, 1),
          "exp_avg_sq must have dtype float32"),
         (lambda: impl.score_step_(w, w.copy(), 0.1, momentum=0.9), "momentum_buf is required"),
+        (lambda: impl.clamp_grad(w, w.copy()[:2]), "x has shape"),
+        (lambda: impl.clamp_grad(w, w.astype(np.float64)), "x must have dtype float32"),
+        (lambda: impl.clamp_grad(w.T, w.T.copy()), "gy must be C-contiguous"),
+        (lambda: impl.clamp_grad(w, w.copy(), out=w), "gy and out must not share memory"),
     ]
     ro = w.copy()
     ro.setflags(write=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import kernels
 from .base import FLOAT, INT, STR, Op, broadcast_shapes, norm_axis, unbroadcast
 
 
@@ -94,6 +95,20 @@ class _Unary(Op):
         return [tuple(shapes[0])]
 
 
+def _clamp_grad(gy: np.ndarray, x: np.ndarray, lo: float, hi: float | None) -> np.ndarray:
+    """``gy * (lo < x < hi)`` (``hi`` None: ``gy * (x > lo)``): one pass of the C kernel
+    (``kernels.clamp_grad``; [32, 64, 25, 5]: 41 us against numpy's 62-75) on float32,
+    numpy's compare, cast and multiply (the same bytes) on anything else."""
+    if gy.dtype == x.dtype == np.float32 and gy.shape == x.shape:
+        return kernels.clamp_grad(np.ascontiguousarray(gy), np.ascontiguousarray(x), lo, hi)
+    keep = np.greater(x, x.dtype.type(lo))
+    if hi is not None:
+        keep &= np.less(x, x.dtype.type(hi))
+    g = keep.astype(gy.dtype)
+    g *= gy
+    return g
+
+
 class Relu(_Unary):
     name = "Relu"
     inplace = True
@@ -118,13 +133,8 @@ class Relu(_Unary):
         return y
 
     def backward(self, xs, ys, gys, a, need):
-        # where x > 0, which is where y > 0 (xs[0] may be either: see forward_inplace). A
-        # 0/1 mask in the gradient's dtype, multiplied in place (as Clip's): the same
-        # products as gy * (x > 0) without numpy's bool-to-float cast inside the multiply.
-        gy = gys[0]
-        g = np.greater(xs[0], 0).astype(gy.dtype)
-        g *= gy
-        return [g]
+        # gy * (x > 0); x > 0 where y > 0, so xs[0] may be either (see forward_inplace)
+        return [_clamp_grad(gys[0], xs[0], 0.0, None)]
 
     def torch(self, xs, a):
         import torch.nn.functional as F
@@ -166,13 +176,8 @@ class Clip(_Unary):
 
     def backward(self, xs, ys, gys, a, need):
         # the gradient passes where min < x < max, which is where min < y < max (xs[0] may
-        # be either: see forward_inplace; NaN passes neither): a 0/1 mask, multiplied in place
-        x, gy = xs[0], gys[0]
-        pas = np.greater(x, x.dtype.type(a["min"]))
-        pas &= np.less(x, x.dtype.type(a["max"]))
-        g = pas.astype(gy.dtype)
-        g *= gy
-        return [g]
+        # be either: see forward_inplace; NaN passes neither)
+        return [_clamp_grad(gys[0], xs[0], a["min"], a["max"])]
 
     def torch(self, xs, a):
         import torch
