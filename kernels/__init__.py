@@ -3,8 +3,8 @@
 The hot paths of mask work -- materializing ``W ⊙ M`` from the mapped backbone and a
 task's packed mask, masked optimizer steps that touch only free weights, nested
 (PackNet) masks, mask algebra, packing -- and the depthwise convolutions of the numpy
-executor and learner (forward, input and weight gradients) and the gradient through a
-ReLU or clamp, as portable C99 built with
+executor and learner (forward, input and weight gradients), ReLU and the gradient
+through a ReLU or clamp, as portable C99 built with
 cffi (API mode) when the package is installed, with a numpy reference for each.
 
     from edgecl import kernels
@@ -38,7 +38,7 @@ __all__ = [
     "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
     "masked_sgd_momentum_", "masked_adam_", "score_step_",
     "route_prototype", "prepare_route_prototype",
-    "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight", "clamp_grad",
+    "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_weight", "relu", "clamp_grad",
 ]
 
 ENV = "EDGECL_KERNELS"
@@ -137,4 +137,5 @@ prepare_route_prototype = _dispatch("prepare_route_prototype")
 depthwise_conv2d = _dispatch("depthwise_conv2d")
 depthwise_conv2d_grad_input = _dispatch("depthwise_conv2d_grad_input")
 depthwise_conv2d_grad_weight = _dispatch("depthwise_conv2d_grad_weight")
+relu = _dispatch("relu")
 clamp_grad = _dispatch("clamp_grad")

@@ -443,6 +443,21 @@ EK_HOT int ek_route_prototype(const ek_route_tables *tab, const void *x_, int64_
     return 0;
 }
 
+/* ---------------------------------------------------------------- activations */
+
+/* max(x, 0) as numpy's np.maximum(x, 0) gives it: a positive x or a NaN (its bytes) kept,
+ * anything else +0.0 (-0.0 included), by an AND of x's bits with an all-ones / all-zeros
+ * lane mask. out may be x itself (in place), so no restrict: gcc versions the loop. */
+EK_HOT void ek_relu(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        uint32_t b;
+        memcpy(&b, &v, sizeof b);
+        b &= 0u - (uint32_t)((v > 0.0f) | (v != v));
+        memcpy(&out[i], &b, sizeof b);
+    }
+}
+
 /* ---------------------------------------------------------------- activation gradients */
 
 /* gy times the 0/1 indicator of lo < x < hi (hi NaN: no upper bound), as numpy's

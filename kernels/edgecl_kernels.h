@@ -92,6 +92,8 @@ int ek_route_prototype(const ek_route_tables *tab, const void *x, int64_t B, flo
                        int64_t *out_task, int64_t *out_best, float *out_conf,
                        uint8_t *out_unknown, float *out_scores);
 
+/* ReLU: out[i] = x[i] > 0 or NaN ? x[i] : +0.0f, for i < n; out may be x (in place). */
+void ek_relu(const float *x, float *out, int64_t n);
 /* Gradient through a clamp: out[i] = gy[i] * (lo < x[i] < hi ? 1.0f : 0.0f), for i < n
  * (hi NaN: no upper bound, lo < x[i] only: ReLU). */
 void ek_clamp_grad(const float *gy, const float *x, float *out, int64_t n, float lo, float hi);

@@ -297,6 +297,15 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
     return route
 
 
+# ---------------------------------------------------------------- activations
+
+def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    out = R.relu_args(x, out)
+    if x.size:
+        lib.ek_relu(_p(x, "float[]"), _p(out, "float[]"), x.size)
+    return out
+
+
 # ---------------------------------------------------------------- activation gradients
 
 def clamp_grad(gy: np.ndarray, x: np.ndarray, lo: float = 0.0, hi: float | None = None,
@@ -368,6 +377,6 @@ for _name in ("materialize_bits", "materialize_units", "pack", "unpack", "owner_
               "threshold_mask", "popcount", "overlap", "hamming", "and_", "or_", "andnot",
               "masked_sgd_momentum_", "masked_adam_", "score_step_", "route_prototype",
               "prepare_route_prototype", "depthwise_conv2d", "depthwise_conv2d_grad_input",
-              "depthwise_conv2d_grad_weight", "clamp_grad"):
+              "depthwise_conv2d_grad_weight", "relu", "clamp_grad"):
     globals()[_name].__doc__ = getattr(R, _name).__doc__
 del _name

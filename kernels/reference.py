@@ -438,6 +438,27 @@ def prepare_route_prototype(fused: np.ndarray, const: np.ndarray, starts: np.nda
     return route
 
 
+# ---------------------------------------------------------------- activations
+
+def relu_args(x, out) -> np.ndarray:
+    C.f32("x", x)
+    if out is x:  # in place
+        return C.array("out", out, (np.dtype(np.float32),), writable=True)
+    out = C.out_array("out", out, x.shape, np.float32)
+    C.no_overlap(x=x, out=out)
+    return out
+
+
+def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.maximum(x, 0)``'s bytes: positive values and NaNs kept as they are, everything
+    else +0.0 (-0.0 included); ``out`` may be ``x`` itself (in place)."""
+    out = relu_args(x, out)
+    keep = np.greater(x, np.float32(0))
+    keep |= np.isnan(x)
+    np.copyto(out.view(np.uint32), x.view(np.uint32) & (np.uint32(0) - keep.astype(np.uint32)))
+    return out
+
+
 # ---------------------------------------------------------------- activation gradients
 
 def clamp_grad_args(gy, x, lo, hi, out) -> tuple[float, float, np.ndarray]:

@@ -138,16 +138,19 @@ def test_relu_never_writes_into_the_callers_input():
 
 
 def test_relu_gives_the_bytes_of_maximum_with_zero():
-    """Relu's fast path (clip, then + 0) keeps max(x, 0)'s bytes on every special value:
-    -0.0 -> +0.0, NaN payloads and signs kept, infinities, subnormals; its backward is
+    """Relu (the C kernel, out of place and in place) keeps max(x, 0)'s bytes on every
+    special value: -0.0 -> +0.0, NaN payloads and signs kept, infinities, subnormals; its backward is
     gy * (x > 0) (a NaN or inf gradient times 0 stays NaN), without touching its inputs."""
     special = np.array([-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-45, 3.0, -2.0], np.float32)
-    payloads = np.array([0x7FC00001, 0xFFC00123], np.uint32).view(np.float32)
-    x = np.concatenate([np.tile(np.concatenate([special, payloads]), 50), f32(1008)]).reshape(3, 8, -1)
+    payloads = np.array([0x7FC00001, 0xFFC00123, 0x7F800001], np.uint32).view(np.float32)
+    x = np.concatenate([np.tile(np.concatenate([special, payloads]), 50), f32(958)]).reshape(3, 8, -1)
     x.setflags(write=False)
     relu = get_op("Relu")
     (y,) = relu.forward([x], {})
     assert y.dtype == np.float32 and np.array_equal(y.view(np.uint32), np.maximum(x, 0).view(np.uint32))
+    z = x.copy()
+    (w,) = relu.forward_inplace([z], {})
+    assert w is z and np.array_equal(w.view(np.uint32), y.view(np.uint32))
     gy = np.tile(np.array([np.inf, np.nan, -1.0, 2.0], np.float32), x.size // 4 + 1)
     gy = gy[: x.size].reshape(x.shape)
     (gx,) = relu.backward([x], [y], [gy], {}, [True])

@@ -186,6 +186,20 @@ def test_threshold_mask(nat, n):
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 9, 31, 33, 1000, 4097])
+def test_relu_is_numpys_maximum_with_zero_in_and_out_of_place(nat, n):
+    """ReLU: the C, its twin and np.maximum(x, 0) are the same bytes (-0.0 -> +0.0, NaN
+    payloads and signs kept, signaling ones too), out of place and in place."""
+    x = _weights(_rng("relu", n), n)
+    x[: n // 3] = np.resize(np.array([-0.0, 0.0, np.inf, -np.inf, 1e-45, -1e-45], np.float32), n // 3)
+    want = np.maximum(x, np.float32(0))
+    for impl in (ref, nat):
+        _same_bytes(impl.relu(x), want)
+        y = x.copy()
+        assert impl.relu(y, out=y) is y
+        _same_bytes(y, want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 31, 33, 1000, 4097])
 def test_clamp_grad_matches_twin_and_numpys_masked_product(nat, n):
     """gy * (lo < x < hi), the indicator as 1.0 / 0.0: the C, its twin and numpy's product
     with a bool mask are the same bytes with infinities, -0.0 and NaN payloads in gy and x
@@ -420,6 +434,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(impl_name):
         (lambda: impl.masked_adam_(w, w.copy(), w.copy(), w.copy().astype(np.float16), bits, 0.1, 1),
          "exp_avg_sq must have dtype float32"),
         (lambda: impl.score_step_(w, w.copy(), 0.1, momentum=0.9), "momentum_buf is required"),
+        (lambda: impl.relu(w.astype(np.float64)), "x must have dtype float32"),
+        (lambda: impl.relu(w, out=w.reshape(4, 6)), "x and out must not share memory"),  # a view, not x
         (lambda: impl.clamp_grad(w, w.copy()[:2]), "x has shape"),
         (lambda: impl.clamp_grad(w, w.astype(np.float64)), "x must have dtype float32"),
         (lambda: impl.clamp_grad(w.T, w.T.copy()), "gy must be C-contiguous"),
@@ -429,6 +445,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(impl_name):
     ro.setflags(write=False)
     cases.append((lambda: impl.masked_sgd_momentum_(ro, w.copy(), w.copy(), bits, 0.1, 0.9),
                   "w must be writable"))
+    cases.append((lambda: impl.relu(ro, out=ro), "out must be writable"))
     for call, msg in cases:
         with pytest.raises(ValueError, match=msg):
             call()

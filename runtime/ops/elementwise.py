@@ -115,22 +115,16 @@ class Relu(_Unary):
 
     def forward(self, xs, a):
         # A fresh output: the input may be the caller's array or another node's input.
-        return [self._relu(xs[0], None)]
+        x = xs[0]
+        if x.dtype == np.float32:  # one C pass ([32, 64, 25, 5]: ~15 us; numpy's maximum 97)
+            return [kernels.relu(np.ascontiguousarray(x))]
+        return [np.maximum(x, x.dtype.type(0))]
 
     def forward_inplace(self, xs, a):
-        return [self._relu(xs[0], xs[0])]
-
-    @staticmethod
-    def _relu(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        # numpy's SIMD clip loop, then + 0 to turn clip's -0.0 into max(x, 0)'s +0.0 (NaN
-        # payloads pass both unchanged): the bytes of np.maximum(x, 0) in ~45 % of its
-        # time ([32, 64, 25, 5] float32: 97 -> 44 us, numpy 2.4).
-        if x.dtype.kind != "f":
-            return np.maximum(x, 0, out=out)
-        zero = x.dtype.type(0)
-        y = np.clip(x, zero, x.dtype.type(np.inf), out=out)
-        y += zero
-        return y
+        x = xs[0]
+        if x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable:
+            return [kernels.relu(x, out=x)]
+        return self.forward(xs, a)
 
     def backward(self, xs, ys, gys, a, need):
         # gy * (x > 0); x > 0 where y > 0, so xs[0] may be either (see forward_inplace)

@@ -210,6 +210,14 @@ class GlobalAveragePool(Op):
 
     def forward(self, xs, a):
         x = xs[0]
+        out = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        if x.dtype == np.float32:
+            # each plane's sum by einsum's contiguous-row reduction, then / its size: a third
+            # of np.mean's time on small planes ([32, 64, 25, 5]: 86 -> 27 us; numpy's
+            # pairwise reduction pays per 125-value row); per plane, so the same bytes at any batch
+            n = int(np.prod(x.shape[2:]))
+            sums = np.einsum("ncp->nc", np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], n))
+            return [(sums / np.float32(n)).reshape(out)]
         return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32).astype(x.dtype)]
 
     def backward(self, xs, ys, gys, a, need):
