@@ -16,8 +16,9 @@ FEAT, C = 64, bl.ZOO_CLASSES
 
 @pytest.fixture(scope="module")
 def rows():
-    """One bench run shared by the tests: batch 4, 1 warm-up + 2 timed steps per side."""
-    return bl.run_zoo_bench(["ds-cnn-test"], steps=2, warmup=1, batch=4, cases=CASE, echo=False)
+    """One bench run shared by the tests: batch 4, 1 warm-up + 2 timed steps per side, two
+    interleaved rounds."""
+    return bl.run_zoo_bench(["ds-cnn-test"], steps=2, warmup=1, batch=4, cases=CASE, echo=False, rounds=2)
 
 
 def test_torch_side_is_the_graph():
@@ -46,6 +47,11 @@ def test_zoo_bench_edgecl_and_torch(rows):
                 "edgecl_peak_rss_mib", "torch_peak_rss_mib", "torch_over_edgecl", "rss_ratio"):
         assert r[key] > 0 and np.isfinite(r[key]), key
     assert r["torch_threads"] == 1
+    # two rounds: each variant's median (of two: their mean) and the median of the rounds' ratios
+    assert r["rounds"] == 2 and len(r["edgecl_step_ms_runs"]) == len(r["torch_step_ms_runs"]) == 2
+    assert r["edgecl_step_ms"] == pytest.approx(np.mean(r["edgecl_step_ms_runs"]))
+    assert r["torch_over_edgecl"] == pytest.approx(
+        np.mean(np.divide(r["torch_step_ms_runs"], r["edgecl_step_ms_runs"])))
     # the same update: scores of the K sites + the head on both sides, nothing else trainable
     assert r["torch_trainable"] == r["site_weights"] + C * FEAT + C
     assert all(np.isfinite(r["edgecl_loss"])) and all(np.isfinite(r["torch_loss"]))
@@ -78,11 +84,12 @@ def test_cli_wiring(monkeypatch):
     monkeypatch.setattr(bl, "run_zoo_bench", lambda *a, **k: calls.append(("zoo", a, k)) or [])
     monkeypatch.setattr(bl, "run_learn_bench", lambda *a, **k: calls.append(("mlp", a, k)) or [])
     args = build_parser().parse_args(["bench", "learn", "--zoo", "ds-cnn,mobilenet-v2", "--zoo-steps", "3",
-                                      "--train-last", "2", "--json", "out.json"])
+                                      "--train-last", "2", "--zoo-rounds", "3", "--json", "out.json"])
     assert args.func(args) == 0
     kind, a, k = calls[-1]
     assert kind == "zoo" and a == (["ds-cnn", "mobilenet-v2"], "out.json")
     assert k["steps"] == 3 and k["train_last"] == 2 and k["threads"] == 1 and k["batch"] == bl.BATCH
+    assert k["rounds"] == 3
     args = build_parser().parse_args(["bench", "learn"])
     assert args.func(args) == 0 and calls[-1][0] == "mlp"
 
@@ -90,3 +97,5 @@ def test_cli_wiring(monkeypatch):
 def test_unknown_zoo_model_is_refused_first():
     with pytest.raises(ValueError, match="unknown zoo bench model 'no-such-model'"):
         bl.run_zoo_bench(["ds-cnn", "no-such-model"], echo=False)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bl.run_zoo_bench(["ds-cnn"], echo=False, rounds=0)

@@ -35,7 +35,7 @@ without decay — the supermask's straight-through gradient needs a stop-gradien
 lacks, so it is not expressed there: ORT does the same-size update on the weights). Step time
 (wall and CPU p50), peak RSS (``VmHWM``) and the ratios; see docs/learning.md.
 
-    edgecl bench learn --zoo ds-cnn,mobilenet-v2 [--zoo-steps N] [--train-last K] [--batch B]
+    edgecl bench learn --zoo ds-cnn,mobilenet-v2 [--zoo-steps N] [--zoo-rounds R] [--train-last K] [--batch B]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -495,20 +496,41 @@ def prepare_zoo(case: tuple[str, dict, int, str], workdir: Path, *, batch: int, 
     return path
 
 
+def _over_rounds(results: list[dict]) -> dict:
+    """One variant's rounds as one result: the median step and CPU time, the largest peak
+    RSS, the first round's other fields (losses, counts: the same every round)."""
+    out = dict(results[0])
+    out["step_s"] = statistics.median(r["step_s"] for r in results)
+    out["cpu_s"] = statistics.median(r["cpu_s"] for r in results)
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in results)
+    return out
+
+
+def _ratio(num: list[dict], den: list[dict], key: str) -> float:
+    """The median over rounds of ``num[i][key] / den[i][key]`` (round i's pair)."""
+    return statistics.median(a[key] / b[key] for a, b in zip(num, den, strict=True))
+
+
 def run_zoo_bench(models: list[str] | tuple[str, ...] = ("ds-cnn", "mobilenet-v2"),
                   json_path: str | Path | None = None, *, steps: int = 30, warmup: int = 5,
                   batch: int = BATCH, threads: int = 1, train_last: int | None = None,
                   cases: dict | None = None, ort_python: str | Path | None = None,
-                  echo: bool = True) -> list[dict]:
+                  echo: bool = True, rounds: int = 1) -> list[dict]:
     """Per zoo model: the edgecl device step, torch eager and ONNX Runtime training doing the
     same update (last K sites + head), each in its own process at ``threads`` thread(s):
     step time p50, peak RSS and the ratios. ONNX Runtime's row is skipped (with the
-    reason) when .venv-orttrain is absent."""
+    reason) when .venv-orttrain is absent. With ``rounds`` > 1 the variants run that many
+    times, interleaved (edgecl, torch, ORT, edgecl, ...), and a row holds each variant's
+    median over the rounds (its rounds in ``*_runs``; the peak RSS is the largest) and the
+    median of the per-round ratios: on a shared host one round's ratio moves with the
+    neighbours' load, a median over interleaved rounds much less."""
     import tempfile
 
     from edgecl import kernels
 
     cases = {**ZOO_CASES, **(cases or {})}
+    if int(rounds) < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     ort_py = Path(ort_python) if ort_python else orttrain_python()
     for name in models:
         if name not in cases:
@@ -519,24 +541,30 @@ def run_zoo_bench(models: list[str] | tuple[str, ...] = ("ds-cnn", "mobilenet-v2
             cfg_path = prepare_zoo(cases[name], Path(tmp), batch=batch, steps=steps, warmup=warmup,
                                    threads=threads, train_last=train_last)
             cfg = json.loads(cfg_path.read_text())
-            dev = _zoo_child(sys.executable, _ZOO_DEVICE, cfg_path, threads)
-            ref = _zoo_child(sys.executable, _ZOO_TORCH, cfg_path, threads)
-            ort, ort_skip = None, None
-            if ort_py is None:
-                ort_skip = f"{ORTTRAIN_VENV} absent: run scripts/setup_orttrain.sh"
-            else:
+            ort_skip = None if ort_py else f"{ORTTRAIN_VENV} absent: run scripts/setup_orttrain.sh"
+            if ort_py is not None:
                 _zoo_child(str(ort_py), _ZOO_ORT_ARTIFACTS, cfg_path, threads)
-                ort = _zoo_child(str(ort_py), _ZOO_ORT, cfg_path, threads)
+            runs: dict[str, list[dict]] = {"edgecl": [], "torch": [], "ort": []}
+            for _ in range(int(rounds)):
+                runs["edgecl"].append(_zoo_child(sys.executable, _ZOO_DEVICE, cfg_path, threads))
+                runs["torch"].append(_zoo_child(sys.executable, _ZOO_TORCH, cfg_path, threads))
+                if ort_py is not None:
+                    runs["ort"].append(_zoo_child(str(ort_py), _ZOO_ORT, cfg_path, threads))
+        dev, ref = _over_rounds(runs["edgecl"]), _over_rounds(runs["torch"])
+        ort = _over_rounds(runs["ort"]) if runs["ort"] else None
         ms = 1e3
         row = {"model": name, "zoo": cfg["model"], "zoo_kwargs": cfg["zoo_kwargs"], "about": cases[name][3],
                "train_last": cfg["train_last"], "sites": cfg["site_nodes"], "site_weights": cfg["site_numel"],
                "batch": batch, "steps_timed": steps, "threads": threads,
+               "rounds": int(rounds),
                "edgecl_step_ms": dev["step_s"] * ms, "torch_step_ms": ref["step_s"] * ms,
+               "edgecl_step_ms_runs": [r["step_s"] * ms for r in runs["edgecl"]],
+               "torch_step_ms_runs": [r["step_s"] * ms for r in runs["torch"]],
                "edgecl_cpu_ms": dev["cpu_s"] * ms, "torch_cpu_ms": ref["cpu_s"] * ms,
-               "torch_over_edgecl_cpu": ref["cpu_s"] / dev["cpu_s"],
+               "torch_over_edgecl_cpu": _ratio(runs["torch"], runs["edgecl"], "cpu_s"),
                "edgecl_peak_rss_mib": dev["peak_rss_bytes"] / 2**20,
                "torch_peak_rss_mib": ref["peak_rss_bytes"] / 2**20,
-               "torch_over_edgecl": ref["step_s"] / dev["step_s"],
+               "torch_over_edgecl": _ratio(runs["torch"], runs["edgecl"], "step_s"),
                "rss_ratio": dev["peak_rss_bytes"] / ref["peak_rss_bytes"],
                "torch_threads": ref.get("threads"), "torch_trainable": ref["trainable"],
                "edgecl_loss": [dev["loss_first"], dev["loss_last"]],
@@ -545,8 +573,11 @@ def run_zoo_bench(models: list[str] | tuple[str, ...] = ("ds-cnn", "mobilenet-v2
                "ort_skipped": ort_skip}
         if ort is not None:
             row.update(ort_step_ms=ort["step_s"] * ms, ort_peak_rss_mib=ort["peak_rss_bytes"] / 2**20,
-                       ort_over_edgecl=ort["step_s"] / dev["step_s"], ort_cpu_ms=ort["cpu_s"] * ms,
-                       ort_over_edgecl_cpu=ort["cpu_s"] / dev["cpu_s"], ort_trainable=ort["trainable"],
+                       ort_step_ms_runs=[r["step_s"] * ms for r in runs["ort"]],
+                       ort_over_edgecl=_ratio(runs["ort"], runs["edgecl"], "step_s"),
+                       ort_cpu_ms=ort["cpu_s"] * ms,
+                       ort_over_edgecl_cpu=_ratio(runs["ort"], runs["edgecl"], "cpu_s"),
+                       ort_trainable=ort["trainable"],
                        ort_loss=[ort["loss_first"], ort["loss_last"]], onnxruntime=ort["onnxruntime"])
         rows.append(row)
     if echo:
@@ -569,9 +600,11 @@ def run_zoo_bench(models: list[str] | tuple[str, ...] = ("ds-cnn", "mobilenet-v2
                   f"torch {r['torch_cpu_ms']:.1f} ms ({r['torch_over_edgecl_cpu']:.2f}x){ort_cpu}")
             skipped = f"; ORT skipped: {r['ort_skipped']}" if r["ort_skipped"] else ""
             print(f"  {r['model']}: {r['about']}{skipped}")
+        over = "" if rounds == 1 else (f", each variant's median over {rounds} interleaved rounds, "
+                                       "the ratios the median of the rounds' ratios")
         print(f"(supsup scores of the last K sites + a {ZOO_CLASSES}-class head, batch {batch}, median of "
-              f"{steps} steps after {warmup}; {threads} thread(s) each; ORT trains the same sites' weights "
-              f"+ head (AdamW, no decay); kernels: {kernels.status()}; targets: torch/edgecl >= 2x, "
+              f"{steps} steps after {warmup}{over}; {threads} thread(s) each; ORT trains the same sites' "
+              f"weights + head (AdamW, no decay); kernels: {kernels.status()}; targets: torch/edgecl >= 2x, "
               f"ORT/edgecl >= 1x, RSS edgecl/torch <= 0.33)")
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
@@ -596,6 +629,9 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
                    help="bench learn --zoo: train the last K mask sites (default per model, 4)")
     p.add_argument("--zoo-steps", type=int, default=30, metavar="N",
                    help="bench learn --zoo: timed steps per side (default 30, after 5 warm-up steps)")
+    p.add_argument("--zoo-rounds", type=int, default=1, metavar="R",
+                   help="bench learn --zoo: run the variants R times, interleaved, and report each "
+                        "one's median and the median of the rounds' ratios (default 1)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -607,7 +643,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not batch.isdigit():
             raise SystemExit(f"bench learn --zoo: --batch takes one batch size, got {batch!r}")
         run_zoo_bench(models, args.json, steps=args.zoo_steps, batch=int(batch), threads=threads,
-                      train_last=args.train_last)
+                      train_last=args.train_last, rounds=getattr(args, "zoo_rounds", 1))
     else:
         run_learn_bench(args.json, steps=getattr(args, "steps", 200), threads=threads)
     return 0
