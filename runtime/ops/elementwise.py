@@ -116,7 +116,7 @@ class Relu(_Unary):
     def forward(self, xs, a):
         # A fresh output: the input may be the caller's array or another node's input.
         x = xs[0]
-        if x.dtype == np.float32:  # one C pass ([32, 64, 25, 5]: ~15 us; numpy's maximum 97)
+        if x.dtype == np.float32:  # one C pass ([32, 64, 25, 5]: 26-32 us; np.maximum 97)
             return [kernels.relu(np.ascontiguousarray(x))]
         return [np.maximum(x, x.dtype.type(0))]
 
